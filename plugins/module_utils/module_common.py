@@ -1,0 +1,78 @@
+# -*- coding: utf-8 -*-
+# Copyright: vmimage.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Option specs and result shaping shared by the modules.
+
+Plain data and functions only (no AnsibleModule): the modules build their
+argument_spec from these pieces, matching the doc fragments of the same names.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
+from ansible_collections.vmimage.qemu.plugins.module_utils.store import DEFAULT_STORE
+
+STORE_ARGUMENT_SPEC = dict(
+    store=dict(type='path', default=DEFAULT_STORE),
+)
+
+HTTP_ARGUMENT_SPEC = dict(
+    headers=dict(type='dict', default={}),
+    url_username=dict(type='str'),
+    url_password=dict(type='str', no_log=True),
+    validate_certs=dict(type='bool', default=True),
+    ca_path=dict(type='path'),
+    client_cert=dict(type='path'),
+    client_key=dict(type='path', no_log=False),
+    timeout=dict(type='int', default=30),
+    retries=dict(type='int', default=8),
+)
+
+
+def argument_spec(*parts, **own):
+    spec = {}
+    for part in parts:
+        spec.update(part)
+    spec.update(own)
+    return spec
+
+
+def download_options(params):
+    """The HTTP options of a module's params, as open_download() keywords."""
+    return dict(
+        headers=params.get('headers') or None,
+        url_username=params.get('url_username'),
+        url_password=params.get('url_password'),
+        validate_certs=params.get('validate_certs', True),
+        ca_path=params.get('ca_path'),
+        client_cert=params.get('client_cert'),
+        client_key=params.get('client_key'),
+    )
+
+
+def error_result(exc):
+    """fail_json keywords for a library error: the message and its class."""
+    if isinstance(exc, VmImageError):
+        return dict(msg=str(exc), error_kind=exc.kind)
+    return dict(msg='%s: %s' % (type(exc).__name__, exc), error_kind='internal')
+
+
+def image_result(store, digest, alias=None):
+    """The fields every module returns about one stored image."""
+    record = store.get_record(digest)
+    if record is None:
+        return {}
+    info = store.describe(record)
+    return dict(
+        image_id=alias,
+        digest=digest,
+        path=info['path'],
+        disk=info['disk'],
+        layer=info['layer'],
+        machine=record.get('machine'),
+        virtual_size=record.get('virtual_size'),
+        allocated_size=record.get('allocated_size'),
+        apparent_size=record.get('apparent_size'),
+    )
