@@ -291,6 +291,8 @@ class _ImageTarExtractor(object):
             if block is None:
                 raise InvalidArchiveError('archive is truncated: no end-of-archive marker')
             if block == _ZEROS[:BLOCK]:
+                if pax is not None:
+                    raise InvalidArchiveError('pax header without a member before the end of the archive')
                 self._finish_trailer()
                 break
             header = TarHeader.parse(block)
@@ -424,7 +426,12 @@ class _ImageTarExtractor(object):
         extended = header.sparse_extended
         while extended:
             block = self.stream.read_exact(BLOCK)
-            for offset, length in parse_old_gnu_sparse_entries(block[:504], 21):
+            block_entries = parse_old_gnu_sparse_entries(block[:504], 21)
+            if not block_entries:
+                # GNU tar writes an extension block only for entries it holds;
+                # empty ones would let a chain run on unbounded by any limit.
+                raise InvalidArchiveError('%s: GNU sparse extension block without entries' % sparse.name)
+            for offset, length in block_entries:
                 sparse.add(offset, length)
             extended = block[504] != 0
 
