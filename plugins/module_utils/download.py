@@ -1,0 +1,737 @@
+# -*- coding: utf-8 -*-
+# Copyright: vmimage.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Streaming downloads with retries, resume, hashing and a size bound.
+
+``open_download()`` returns a read-only file-like ``DownloadStream`` that the
+image store feeds straight into its zstd/tar extractor, so an archive is never
+written to disk whole.  While the caller reads, the stream
+
+* hashes exactly the bytes it returns (one pass, no second read of the data);
+* retries transport errors, HTTP 5xx, 408 and 429 with exponential backoff
+  (``backoff_base * 2**(n-1)`` +-25 % jitter, capped at ``backoff_max``,
+  ``Retry-After`` honoured), which the original fetcher counted but never slept;
+* resumes a dropped transfer with ``Range``/``If-Range`` so only the missing
+  tail is fetched again, or, when the server cannot resume, restarts from
+  byte 0 and tells the caller (``DownloadRestartRequired``);
+* refuses to deliver more than ``max_bytes`` (``DownloadTooLargeError``);
+* always closes its HTTP responses;
+* never shows credentials: ``source``, error messages and log lines carry the
+  URL without its userinfo (see ``redact_url``).
+
+``http://``, ``https://`` and ``file://`` URLs and absolute local paths are
+accepted; local files get the same hashing and size bound.
+
+Only ``requests`` is needed on the target, and only for HTTP(S): importing this
+module without it works, and an HTTP download then fails with a clear message.
+"""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import datetime
+import email.utils
+import hashlib
+import os
+import random
+import re
+import stat
+import time
+
+from http.client import HTTPException as _HTTPException
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
+    DownloadError,
+    LimitExceededError,
+)
+
+try:
+    import requests
+    import requests.auth
+    import requests.exceptions
+    import urllib3.exceptions
+except ImportError as _exc:  # pragma: no cover - exercised only on bare targets
+    requests = None
+    urllib3 = None
+    REQUESTS_IMPORT_ERROR = _exc
+else:
+    REQUESTS_IMPORT_ERROR = None
+
+HAS_REQUESTS = REQUESTS_IMPORT_ERROR is None
+
+# Upper bound of one read from the network or a file: keeps memory flat however
+# large the image, while being big enough that per-call overhead is negligible.
+CHUNK_SIZE = 1024 * 1024
+
+RETRY_STATUSES = frozenset([408, 429])
+
+__all__ = [
+    'CHUNK_SIZE', 'DownloadStream', 'DownloadRestartRequired', 'DownloadTooLargeError',
+    'HAS_REQUESTS', 'fetch_first', 'open_download', 'redact_url',
+]
+
+
+class DownloadRestartRequired(DownloadError):
+    """The transfer could not be resumed and starts again from byte 0.
+
+    Raised by ``DownloadStream.read()``.  The stream has already reset its
+    counters and hashes; the caller discards whatever it derived from the bytes
+    read so far and calls ``read()`` again on the same stream.
+    """
+
+    kind = 'download_restart'
+
+
+class DownloadTooLargeError(LimitExceededError, DownloadError):
+    """The content is larger than ``max_bytes``.
+
+    Both a LimitExceededError (``kind`` 'limit_exceeded', the class of failure
+    an operator acts on: raise the limit or fix the URL) and a DownloadError
+    (so code that handles "the download failed" catches it too).
+    """
+
+
+# Matches the userinfo of every URL in a text.  Greedy up to the last '@'
+# before the path, so a password holding an unencoded '@' is removed whole.
+_USERINFO_RE = re.compile(r'(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@')
+_CONTENT_RANGE_RE = re.compile(r'^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$', re.IGNORECASE)
+
+
+def redact_url(url):
+    """Return ``url`` without its userinfo (``user:password@``).
+
+    Works on any text, so it also cleans error messages that quote URLs, and
+    never raises on malformed input.  Query strings are left alone on purpose:
+    most carry meaning the operator needs to see (mirror selection, versions)
+    and there is no reliable way to tell a token from a parameter.  Pre-signed
+    URLs whose query is a secret must therefore not be logged by the caller.
+    """
+    if url is None:
+        return None
+    return _USERINFO_RE.sub(r'\1', str(url))
+
+
+def _split_userinfo(url):
+    """Return (url without userinfo, username or None, password or None)."""
+    parts = urlsplit(url)
+    if '@' not in parts.netloc:
+        return url, None, None
+    userinfo, dummy, hostport = parts.netloc.rpartition('@')
+    user, colon, password = userinfo.partition(':')
+    clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
+    return clean, unquote(user), (unquote(password) if colon else None)
+
+
+def _new_hashes(algorithms):
+    hashes = {}
+    for name in algorithms:
+        name = str(name).lower()
+        try:
+            try:
+                # md5/sha1 are only here for checksum compatibility; asking
+                # for them this way keeps them usable on FIPS hosts.
+                hashes[name] = hashlib.new(name, usedforsecurity=False)
+            except TypeError:  # pragma: no cover - interpreters without the keyword
+                hashes[name] = hashlib.new(name)
+        except ValueError:
+            raise ValueError('unsupported hash algorithm %r' % (name,))
+    return hashes
+
+
+def _parse_retry_after(value):
+    """Seconds to wait from a Retry-After header (seconds or HTTP-date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
+
+
+def _strong_validator(headers):
+    """The validator usable in If-Range: a strong ETag, else Last-Modified.
+
+    RFC 9110 forbids weak ETags in If-Range, so a W/ tag is no validator.
+    """
+    etag = headers.get('ETag')
+    if etag and not etag.strip().startswith('W/'):
+        return etag.strip()
+    modified = headers.get('Last-Modified')
+    return modified.strip() if modified else None
+
+
+def _int_header(value):
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if number >= 0 else None
+
+
+def _download_error(source, reason, status=None, attempts=None):
+    """A DownloadError whose parts are also attributes (for fetch_first and callers)."""
+    exc = DownloadError('download of %s failed: %s' % (source, reason))
+    exc.url = source
+    exc.reason = reason
+    exc.status = status
+    exc.attempts = attempts
+    return exc
+
+
+def _local_path(url):
+    """The local path ``url`` names (file:// URL or absolute path), or None."""
+    if url.startswith('/'):
+        return url
+    parts = urlsplit(url)
+    if parts.scheme.lower() != 'file':
+        return None
+    if parts.netloc not in ('', 'localhost'):
+        raise _download_error(redact_url(url), 'file URLs must name a local file (file:///path)')
+    return unquote(parts.path)
+
+
+class DownloadStream(object):
+    """Read-only binary file-like over a download; create it with ``open_download()``.
+
+    ``read(n)`` returns exactly ``n`` bytes unless the end was reached
+    (``b''`` then), ``readinto(buf)`` fills ``buf`` likewise.  Attributes:
+
+    bytes_read   bytes returned so far (and hashed)
+    source       URL or path, without credentials
+    total_size   full size from Content-Length / Content-Range / stat, or None
+    attempts     HTTP requests made (1 for local files)
+    resumed      successful Range resumes
+    restarts     times the transfer started again from byte 0
+
+    ``hexdigest(algo)`` is the digest of the bytes returned so far for each of
+    ``hash_algorithms``; after ``read()`` returned ``b''`` it is the digest of
+    the whole content.
+
+    Restart contract.  When a connection drops, the stream asks the server
+    for the rest (``Range: bytes=<bytes_read>-`` with ``If-Range``) and, if
+    the answer continues exactly where it stopped, ``read()`` just goes on.
+    When it cannot (the server ignores Range, the content changed, the
+    Content-Range does not fit), ``read()`` raises ``DownloadRestartRequired``
+    after resetting ``bytes_read`` and the hashes to zero.  The caller then
+    throws away everything it built from the earlier bytes (a partial
+    extraction) and calls ``read()`` again on the same stream, which returns
+    the content from byte 0 (from the full response it already has: nothing is
+    requested twice).  A caller that cannot start over just lets the exception
+    propagate: it is a DownloadError.
+
+    Any other DownloadError (including DownloadTooLargeError) is final and
+    closes the stream.  Streams are context managers; ``close()`` releases the
+    connection at any time.
+    """
+
+    def __init__(self, source, hash_algorithms=('sha256',), max_bytes=None, logger=None):
+        self.source = source
+        self.bytes_read = 0
+        self.total_size = None
+        self.attempts = 0
+        self.resumed = 0
+        self.restarts = 0
+        self._algorithms = tuple(str(a).lower() for a in hash_algorithms)
+        self._hashes = _new_hashes(self._algorithms)
+        self._max_bytes = max_bytes
+        self._logger = logger
+        self._eof = False
+        self._closed = False
+
+    # -- file-like API -------------------------------------------------
+
+    @property
+    def closed(self):
+        return self._closed
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return False
+
+    def writable(self):
+        return False
+
+    def read(self, n=-1):
+        self._check_open()
+        if n is None or n < 0:
+            n = None
+        parts = []
+        got = 0
+        try:
+            while n is None or got < n:
+                chunk = self._read_some(CHUNK_SIZE if n is None else min(n - got, CHUNK_SIZE))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+        except DownloadRestartRequired:
+            raise
+        except DownloadError:
+            # A final failure: release the connection now rather than when
+            # the caller gets round to closing.
+            self.close()
+            raise
+        return b''.join(parts)
+
+    def readinto(self, buf):
+        view = memoryview(buf).cast('B')
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
+    def hexdigest(self, algo):
+        """Hex digest (lowercase) of the bytes returned so far."""
+        try:
+            return self._hashes[str(algo).lower()].hexdigest()
+        except KeyError:
+            raise ValueError('%s was not computed for %s (hash_algorithms=%r)'
+                             % (algo, self.source, self._algorithms))
+
+    def close(self):
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        return '<%s %s %d bytes read>' % (type(self).__name__, self.source, self.bytes_read)
+
+    # -- shared machinery ----------------------------------------------
+
+    def _check_open(self):
+        if self._closed:
+            raise ValueError('I/O operation on closed download stream (%s)' % self.source)
+
+    def _read_some(self, n):
+        """One chunk of at most n bytes (b'' at the end), checked and hashed."""
+        if self._eof:
+            return b''
+        limit = n
+        if self._max_bytes is not None:
+            # One byte more than allowed is enough to tell an oversized body
+            # on the very read that would exceed the limit.
+            limit = min(n, self._max_bytes - self.bytes_read + 1)
+        chunk = self._next_chunk(limit)
+        if not chunk:
+            self._eof = True
+            self._release()
+            return b''
+        if self._max_bytes is not None and self.bytes_read + len(chunk) > self._max_bytes:
+            raise self._too_large()
+        for digest in self._hashes.values():
+            digest.update(chunk)
+        self.bytes_read += len(chunk)
+        return chunk
+
+    def _reset(self):
+        self.bytes_read = 0
+        self._hashes = _new_hashes(self._algorithms)
+
+    def _too_large(self, size=None):
+        what = 'is %d bytes' % size if size is not None else 'has more bytes'
+        return DownloadTooLargeError('%s %s, more than the limit of %d bytes'
+                                     % (self.source, what, self._max_bytes))
+
+    def _check_declared_size(self):
+        # Fail before reading anything when the size is announced up front.
+        if self._max_bytes is not None and self.total_size is not None \
+                and self.total_size > self._max_bytes:
+            raise self._too_large(self.total_size)
+
+    def _log(self, msg):
+        if self._logger is None:
+            return
+        if hasattr(self._logger, 'warning'):
+            self._logger.warning(msg)
+        else:
+            self._logger(msg)
+
+    def _next_chunk(self, n):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _release(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _FileStream(DownloadStream):
+    """A local file: no retries, same hashing and size bound."""
+
+    def __init__(self, path, source, **kw):
+        super(_FileStream, self).__init__(source, **kw)
+        self.attempts = 1
+        self._file = None
+        try:
+            # Checked before opening: opening a FIFO would block forever.
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise _download_error(source, 'not a regular file')
+            self._file = open(path, 'rb')
+            self.total_size = os.fstat(self._file.fileno()).st_size
+        except OSError as exc:
+            self._release()
+            raise _download_error(source, exc.strerror or str(exc))
+        try:
+            self._check_declared_size()
+        except DownloadError:
+            self._release()
+            raise
+
+    def _next_chunk(self, n):
+        try:
+            return self._file.read(n)
+        except OSError as exc:
+            raise _download_error(self.source, exc.strerror or str(exc))
+
+    def _release(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _HttpStream(DownloadStream):
+    """HTTP(S) with retries, Range resume and restart (see DownloadStream)."""
+
+    def __init__(self, url, source, session, request_kw, headers, retries, backoff_base,
+                 backoff_max, sleep, secrets, **kw):
+        super(_HttpStream, self).__init__(source, **kw)
+        self._url = url
+        self._session = session
+        self._request_kw = request_kw
+        self._headers = headers
+        self._retries = retries
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._sleep = sleep
+        self._secrets = secrets
+        self._resp = None
+        self._validator = None
+        # Set when a resume answer could not be trusted: ask for the whole body.
+        self._want_full = False
+        # Failures since the last new byte: a flaky link that keeps making
+        # progress is not given up on, a server that never does is.
+        self._failures = 0
+        self._high_water = 0
+
+    # -- reading -------------------------------------------------------
+
+    def _next_chunk(self, n):
+        while True:
+            if self._resp is None:
+                self._connect()
+            try:
+                chunk = self._resp.raw.read(n, decode_content=False)
+            except _transport_errors() as exc:
+                self._drop('connection lost after %d bytes (%s)' % (self.bytes_read, self._describe(exc)))
+                continue
+            if chunk:
+                if self.bytes_read + len(chunk) > self._high_water:
+                    self._high_water = self.bytes_read + len(chunk)
+                    self._failures = 0
+                return chunk
+            if self.total_size is not None and self.bytes_read < self.total_size:
+                # urllib3 notices most short bodies itself; this covers the rest.
+                self._drop('connection closed after %d of %d bytes' % (self.bytes_read, self.total_size))
+                continue
+            return b''
+
+    def _drop(self, reason):
+        self._close_response()
+        self._retry_or_fail(reason)
+
+    # -- connecting ----------------------------------------------------
+
+    def _connect(self):
+        """Get a response whose body continues at bytes_read (or restart)."""
+        while True:
+            offset = self.bytes_read
+            headers = dict(self._headers)
+            ranged = offset > 0 and self._validator is not None and not self._want_full
+            if ranged:
+                headers['Range'] = 'bytes=%d-' % offset
+                headers['If-Range'] = self._validator
+            self.attempts += 1
+            try:
+                resp = self._session.get(self._url, headers=headers, stream=True, **self._request_kw)
+            except _fatal_request_errors() as exc:
+                raise self._error(self._describe(exc))
+            except _transport_errors() as exc:
+                self._retry_or_fail(self._describe(exc))
+                continue
+            status = resp.status_code
+            if status in RETRY_STATUSES or 500 <= status <= 599:
+                retry_after = _parse_retry_after(resp.headers.get('Retry-After'))
+                resp.close()
+                self._retry_or_fail(self._status_text(resp), retry_after)
+                continue
+            if status not in (200, 206):
+                resp.close()
+                raise self._error(self._status_text(resp), status=status)
+            start, total, problem = self._body_start(resp)
+            if problem is None and start not in (offset, 0):
+                problem = 'the server resumed at byte %d instead of %d' % (start, offset)
+            if problem is not None:
+                resp.close()
+                self._want_full = True
+                self._retry_or_fail(problem)
+                continue
+            self._resp = resp
+            self._want_full = False
+            self.total_size = total
+            if start == offset:
+                if offset:
+                    self.resumed += 1
+                    self._log('%s: resumed at byte %d' % (self.source, offset))
+                else:
+                    self._validator = _strong_validator(resp.headers)
+                self._check_declared_size()
+                return
+            # The body starts at byte 0 although bytes were delivered already.
+            if ranged:
+                why = 'the server sent the whole content instead of the rest'
+            elif self._validator is None:
+                why = 'the server gave no validator (ETag, Last-Modified) to resume safely'
+            else:
+                why = 'the server could not continue consistently'
+            self._validator = _strong_validator(resp.headers)
+            self._check_declared_size()
+            self._reset()
+            self.restarts += 1
+            msg = ('%s: could not resume at byte %d: %s; the download restarts from byte 0'
+                   % (self.source, offset, why))
+            self._log(msg)
+            raise DownloadRestartRequired(msg)
+
+    def _body_start(self, resp):
+        """(first byte offset, total size or None, problem or None) of a 200/206."""
+        if resp.status_code == 200:
+            return 0, _int_header(resp.headers.get('Content-Length')), None
+        match = _CONTENT_RANGE_RE.match(resp.headers.get('Content-Range') or '')
+        if not match:
+            return None, None, 'unusable Content-Range %r' % (resp.headers.get('Content-Range'),)
+        start, end = int(match.group(1)), int(match.group(2))
+        total = None if match.group(3) == '*' else int(match.group(3))
+        if end < start or (total is not None and end + 1 != total):
+            return None, None, 'partial Content-Range %r' % resp.headers.get('Content-Range')
+        if total is not None and self.total_size is not None and total != self.total_size:
+            return None, None, 'size changed from %d to %d bytes' % (self.total_size, total)
+        if start and self._validator is not None:
+            # A server that ignores If-Range may still send the new content's
+            # tail: its validator gives it away.
+            # Compare like with like: an ETag with the ETag, a date with Last-Modified.
+            is_etag = self._validator.startswith('"')
+            current = resp.headers.get('ETag' if is_etag else 'Last-Modified')
+            current = current.strip() if current else None
+            if current is not None and current != self._validator:
+                return None, None, 'content changed (validator %s, was %s)' % (current, self._validator)
+        return start, total, None
+
+    # -- failures ------------------------------------------------------
+
+    def _retry_or_fail(self, reason, retry_after=None):
+        self._failures += 1
+        if self._failures > self._retries:
+            raise self._error('%s; gave up after %d attempts' % (reason, self.attempts))
+        if retry_after is not None:
+            delay = min(retry_after, self._backoff_max)
+        else:
+            exponent = min(self._failures - 1, 64)
+            delay = self._backoff_base * (2 ** exponent) * random.uniform(0.75, 1.25)
+            delay = min(delay, self._backoff_max)
+        self._log('%s: %s; retry %d of %d in %.2fs'
+                  % (self.source, reason, self._failures, self._retries, delay))
+        self._sleep(delay)
+
+    def _error(self, reason, status=None):
+        return _download_error(self.source, reason, status, self.attempts)
+
+    def _status_text(self, resp):
+        # The reason phrase comes from the server: keep it short and printable.
+        phrase = ''.join(c for c in (resp.reason or '') if c.isprintable())[:80]
+        return ('HTTP %d %s' % (resp.status_code, phrase)).rstrip()
+
+    def _describe(self, exc):
+        text = '%s: %s' % (type(exc).__name__, exc)
+        text = redact_url(text)
+        for secret in self._secrets:
+            text = text.replace(secret, '********')
+        return text[:400]
+
+    def _close_response(self):
+        if self._resp is not None:
+            resp, self._resp = self._resp, None
+            resp.close()
+
+    def _release(self):
+        self._close_response()
+        if self._closed and self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+def _transport_errors():
+    """Exceptions after which another attempt may well succeed."""
+    return (
+        requests.exceptions.ConnectionError,
+        requests.exceptions.Timeout,
+        requests.exceptions.ChunkedEncodingError,
+        urllib3.exceptions.HTTPError,
+        _HTTPException,
+        OSError,
+    )
+
+
+def _fatal_request_errors():
+    """Exceptions no retry can fix: bad URL or certificate, redirect loop, ...
+
+    SSLError is a ConnectionError in requests, so this is checked first.
+    """
+    return (
+        requests.exceptions.SSLError,
+        requests.exceptions.InvalidURL,
+        requests.exceptions.InvalidSchema,
+        requests.exceptions.MissingSchema,
+        requests.exceptions.InvalidHeader,
+        requests.exceptions.TooManyRedirects,
+    )
+
+
+def open_download(url, headers=None, url_username=None, url_password=None, validate_certs=True,
+                  ca_path=None, client_cert=None, client_key=None, timeout=30, retries=8,
+                  backoff_base=0.2, backoff_max=60.0, hash_algorithms=('sha256',), max_bytes=None,
+                  sleep=time.sleep, logger=None):
+    """Open ``url`` for streaming and return a ``DownloadStream``.
+
+    url              http(s)://, file:// or an absolute path; userinfo in the
+                     URL is used for basic auth and never shown
+    headers          extra request headers (not Range/If-Range: the stream owns them)
+    url_username/url_password  HTTP basic auth (override the URL's userinfo)
+    validate_certs/ca_path     TLS verification; ca_path a CA bundle file or dir
+    client_cert/client_key     TLS client certificate (key may be inside cert)
+    timeout          seconds for connect and for each read (or a (connect, read) tuple)
+    retries          retries after the first attempt (counted since the last progress)
+    backoff_base/backoff_max   retry delays: base * 2**(n-1) +-25 %, at most max
+    hash_algorithms  hashlib names computed while streaming (hexdigest())
+    max_bytes        fail with DownloadTooLargeError past this many bytes
+    sleep            called with each delay (tests record instead of sleeping)
+    logger           logging.Logger-like (``.warning``) or callable(msg) for
+                     retry/resume/restart notes; None for silence
+
+    The first request is made here, so a missing file, a 404 or a refused
+    connection (after retries) raises DownloadError from this call.  Proxies
+    come from the environment as in requests (``*_proxy``, ``no_proxy``).
+    """
+    if not isinstance(url, str) or not url:
+        raise ValueError('url must be a non-empty string')
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError('max_bytes must not be negative')
+    if retries < 0:
+        raise ValueError('retries must not be negative')
+    stream_kw = dict(hash_algorithms=hash_algorithms, max_bytes=max_bytes, logger=logger)
+    _new_hashes(hash_algorithms)  # reject an unknown algorithm before any I/O
+
+    try:
+        path = _local_path(url)
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. a malformed IPv6 host
+        raise _download_error(redact_url(url), 'invalid URL (%s)' % redact_url(str(exc)))
+    if path is not None:
+        return _FileStream(path, redact_url(url), **stream_kw)
+
+    source = redact_url(url)
+    if scheme not in ('http', 'https'):
+        raise _download_error(source, 'only http://, https://, file:// URLs and absolute paths '
+                              'are supported')
+    if not HAS_REQUESTS:
+        raise _download_error(source, "the Python library 'requests' is required on the target (%s)"
+                              % (REQUESTS_IMPORT_ERROR,))
+
+    headers = dict(headers or {})
+    for name in headers:
+        if name.lower() in ('range', 'if-range'):
+            raise ValueError('header %s is managed by the download itself' % name)
+    # The raw bytes are what Range offsets, Content-Length and the published
+    # checksum refer to: ask servers not to compress them on the fly.
+    headers.setdefault('Accept-Encoding', 'identity')
+
+    clean_url, user, password = _split_userinfo(url)
+    if url_username is not None:
+        user = url_username
+    if url_password is not None:
+        password = url_password
+    auth = None
+    if user is not None:
+        auth = requests.auth.HTTPBasicAuth(user, password or '')
+
+    if validate_certs:
+        verify = ca_path if ca_path else True
+    else:
+        verify = False
+    if client_key and not client_cert:
+        raise ValueError('client_key needs client_cert')
+    cert = (client_cert, client_key) if client_key else client_cert
+    if not isinstance(timeout, (tuple, list)):
+        timeout = (timeout, timeout)
+
+    session = requests.Session()
+    request_kw = dict(timeout=tuple(timeout), verify=verify, cert=cert, auth=auth,
+                      allow_redirects=True)
+    stream = _HttpStream(clean_url, source, session, request_kw, headers, retries, backoff_base,
+                         backoff_max, sleep, [s for s in (password,) if s], **stream_kw)
+    try:
+        stream._connect()  # the first request happens here, so a 404 fails the open
+    except BaseException:
+        stream.close()
+        raise
+    return stream
+
+
+def fetch_first(urls, **kw):
+    """Open the first of ``urls`` that answers; keyword arguments as open_download().
+
+    Put mirrors first and the primary URL last.  Each URL gets its own retries;
+    one that still fails moves on to the next.  Once a stream is returned it
+    stays on that URL (resume and restart included): switching hosts mid-body
+    would splice two copies.  When all fail, the DownloadError lists every URL
+    tried (redacted) with its reason; with a single URL its own error is raised.
+    """
+    if isinstance(urls, str):
+        urls = [urls]
+    urls = list(urls)
+    if not urls:
+        raise ValueError('fetch_first needs at least one URL')
+    logger = kw.get('logger')
+    failures = []
+    for url in urls:
+        try:
+            return open_download(url, **kw)
+        except DownloadError as exc:
+            if len(urls) == 1:
+                raise
+            reason = getattr(exc, 'reason', None) or str(exc)
+            failures.append((redact_url(url), reason))
+            if logger is not None:
+                msg = '%s failed (%s), trying the next source' % (redact_url(url), reason)
+                if hasattr(logger, 'warning'):
+                    logger.warning(msg)
+                else:
+                    logger(msg)
+    exc = DownloadError('all %d sources failed: %s'
+                        % (len(failures), '; '.join('%s: %s' % f for f in failures)))
+    exc.failures = failures
+    raise exc
