@@ -179,6 +179,7 @@ removed_digest:
 import time
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.six.moves.urllib.parse import unquote, urlsplit
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.download import redact_url
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
@@ -191,6 +192,19 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageSto
 def _diff(alias, before, after):
     return dict(before='%s: %s\n' % (alias, before or '(absent)'),
                 after='%s: %s\n' % (alias, after or '(absent)'))
+
+
+def _hide_url_passwords(module, urls):
+    """Passwords in URL userinfo are secrets too: mask them everywhere Ansible
+    prints values (invocation, results, errors), as no_log does for options."""
+    for url in urls:
+        try:
+            password = urlsplit(url or '').password
+        except ValueError:
+            continue
+        if password:
+            module.no_log_values.add(password)
+            module.no_log_values.add(unquote(password))
 
 
 def main():
@@ -210,6 +224,7 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    _hide_url_passwords(module, [p['url']] + list(p['mirrors']))
     started = time.monotonic()
     image_id = p['image_id'] or 'url:' + redact_url(p['url'])
     try:

@@ -1,0 +1,101 @@
+"""vm_image_fetch and vm_image_info through ansible-playbook: idempotence,
+check mode, diff, credentials never shown, errors with their kind."""
+
+import io
+import os
+
+import pytest
+
+from support.ansible_run import run_playbook
+from support.http_server import LocalHTTPServer
+from support.image_factory import make_image_folder, pattern
+
+from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
+
+SECRET = 's3cr3t-pw-xyz'
+
+
+@pytest.fixture(scope='module')
+def served(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('img')
+    folder = make_image_folder(str(tmp / 'img'), disk_size=8 * 1024 * 1024,
+                               chunks=[(0, pattern(4096, 1)), (5 * 1024 * 1024, pattern(100000, 2))],
+                               machine={'version': 1, 'memory': 512})
+    out = io.BytesIO()
+    packed = write_image_archive(folder, out)
+    with LocalHTTPServer() as srv:
+        url = srv.add('/img/image.tar.zst', out.getvalue())
+        auth_url = srv.add('/private/image.tar.zst', out.getvalue(), auth=('ci', SECRET))
+        yield srv, url, auth_url, packed.digest
+
+
+def _fetch(store, url, **kw):
+    args = dict(url=url, store=store)
+    args.update(kw)
+    return {'vmimage.qemu.vm_image_fetch': args, 'register': 'r'}
+
+
+def test_fetch_idempotent_check_mode_and_info(tmp_path, served):
+    srv, url, _, digest = served
+    store = str(tmp_path / 'store')
+    check = run_playbook([_fetch(store, url, image_id='demo', checksum=digest)], tmp_path, check=True, diff=True)
+    assert check[0]['changed'] is True and check[0]['downloaded'] is False
+    assert not os.path.exists(store), 'check mode must not create the store'
+
+    srv.clear_requests()
+    run = run_playbook([
+        _fetch(store, url, image_id='demo', checksum=digest),
+        _fetch(store, url, image_id='demo', checksum=digest),
+        {'vmimage.qemu.vm_image_info': {'store': store}},
+        {'vmimage.qemu.vm_image_info': {'store': store, 'image': 'demo'}},
+    ], tmp_path, diff=True)
+    first, second, info, one = run.results
+    assert first['changed'] is True and first['downloaded'] is True
+    assert first['digest'] == digest and first['image_id'] == 'demo'
+    assert first['disk'].endswith('/disk.img') and os.path.isfile(first['disk'])
+    assert first['machine']['memory'] == 512 and first['virtual_size'] == 8 * 1024 * 1024
+    assert first['source'] == url and 'diff' in first
+    assert second['changed'] is False and second['downloaded'] is False
+    assert len([r for r in srv.requests if r.method == 'GET']) == 1
+    assert info['changed'] is False and info['usage']['images'] == 1
+    assert info['images'][0]['aliases'] == ['demo'] and info['images'][0]['source'] == url
+    assert one['images'][0]['digest'] == digest
+
+
+def test_absent_removes_alias_and_image(tmp_path, served):
+    _, url, _, digest = served
+    store = str(tmp_path / 'store')
+    run = run_playbook([
+        _fetch(store, url, image_id='a'),
+        {'vmimage.qemu.vm_image_fetch': {'image_id': 'a', 'state': 'absent', 'store': store}},
+        {'vmimage.qemu.vm_image_fetch': {'image_id': 'a', 'state': 'absent', 'store': store}},
+        {'vmimage.qemu.vm_image_info': {'store': store}},
+    ], tmp_path)
+    assert run[1]['changed'] is True and run[1]['removed_digest'] == digest
+    assert run[2]['changed'] is False
+    assert run[3]['usage']['images'] == 0
+
+
+def test_credentials_never_shown(tmp_path, served):
+    srv, _, auth_url, digest = served
+    store = str(tmp_path / 'store')
+    run = run_playbook([_fetch(store, auth_url, url_username='ci', url_password=SECRET)], tmp_path)
+    assert run[0]['digest'] == digest
+    userinfo_url = auth_url.replace('http://', 'http://ci:%s@' % SECRET)
+    bad = userinfo_url.replace('/private/', '/nothing/')
+    run = run_playbook([
+        _fetch(str(tmp_path / 'store2'), userinfo_url),
+        _fetch(str(tmp_path / 'store3'), bad, retries=0),
+    ], tmp_path, expect_failure=True)
+    assert run[0]['changed'] is True and run[0]['image_id'] == 'url:' + auth_url
+    assert run[1]['failed'] is True and run[1]['error_kind'] == 'download' and '404' in run[1]['msg']
+    assert SECRET not in run.stdout and SECRET not in run.stderr
+
+
+def test_checksum_mismatch_fails_with_kind(tmp_path, served):
+    _, url, _, _ = served
+    store = str(tmp_path / 'store')
+    run = run_playbook([_fetch(store, url, checksum='sha256:' + 'ab' * 32)], tmp_path, expect_failure=True)
+    assert run[0]['failed'] is True and run[0]['error_kind'] == 'checksum_mismatch'
+    assert 'expected sha256:' + 'ab' * 32 in run[0]['msg']
+    assert os.listdir(os.path.join(store, 'images')) == []

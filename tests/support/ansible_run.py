@@ -1,0 +1,72 @@
+"""Run tasks through ansible-playbook itself (AnsiballZ, argument parsing,
+check and diff mode, no_log), against localhost, and return the results.
+
+``ansible_python_interpreter`` is set to this interpreter: discovery can pick
+a broken pyenv shim, and the target needs this venv's zstandard/requests.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+_BIN = os.path.dirname(sys.executable)
+_CALLBACKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'callback_plugins')
+
+
+def ansible_env(extra=None):
+    env = dict(os.environ)
+    env.update(
+        ANSIBLE_STDOUT_CALLBACK='record_results', ANSIBLE_CALLBACK_PLUGINS=_CALLBACKS, ANSIBLE_NOCOLOR='1',
+        ANSIBLE_RETRY_FILES_ENABLED='0', ANSIBLE_LOCALHOST_WARNING='0', ANSIBLE_INVENTORY_UNPARSED_WARNING='0',
+        ANSIBLE_DEPRECATION_WARNINGS='0', ANSIBLE_PYTHON_INTERPRETER=sys.executable,
+    )
+    if extra:
+        env.update(extra)
+    return env
+
+
+class PlaybookRun(object):
+    def __init__(self, returncode, results, stdout, stderr):
+        self.returncode = returncode
+        self.results = results
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __getitem__(self, index):
+        return self.results[index]
+
+    def __len__(self):
+        return len(self.results)
+
+
+def run_playbook(tasks, tmp_path, check=False, diff=False, extra_vars=None, env=None, expect_failure=False):
+    """Run ``tasks`` (a list of task dicts) on localhost; return PlaybookRun
+    whose ``results`` are the per-task result dicts in order."""
+    play = [{
+        'hosts': 'localhost', 'connection': 'local', 'gather_facts': False,
+        'vars': dict({'ansible_python_interpreter': sys.executable}, **(extra_vars or {})),
+        'tasks': tasks,
+    }]
+    path = os.path.join(str(tmp_path), 'play-%d.yml' % os.getpid())
+    with open(path, 'w') as f:
+        yaml.safe_dump(play, f)
+    cmd = [os.path.join(_BIN, 'ansible-playbook'), '-i', 'localhost,', path]
+    if check:
+        cmd.append('--check')
+    if diff:
+        cmd.append('--diff')
+    proc = subprocess.run(cmd, env=ansible_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=600)
+    try:
+        doc = json.loads(proc.stdout[proc.stdout.index('{'):])
+    except ValueError:
+        raise AssertionError('ansible-playbook printed no JSON (rc %d):\n%s\n%s'
+                             % (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
+    results = [t['hosts']['localhost'] for t in doc['plays'][0]['tasks']]
+    if proc.returncode != 0 and not expect_failure:
+        raise AssertionError('ansible-playbook failed (rc %d): %s\n%s'
+                             % (proc.returncode, json.dumps(results[-1:], indent=1)[-3000:], proc.stderr[-2000:]))
+    return PlaybookRun(proc.returncode, results, proc.stdout, proc.stderr)
