@@ -74,7 +74,7 @@ def make_layer(folder, name='layer.qcow2', backing='disk.img', backing_fmt='raw'
     args = ['create', '-q', '-f', 'qcow2', '-o', ','.join(opts), folder / name]
     if size is not None:
         args.append(size)
-    qemu_img(*args)
+    qemu_img(*args, cwd=folder)
     return folder / name
 
 

@@ -30,8 +30,9 @@ DISK_SIZE = 64 * MIB
 BUSY = ['bench', '-c', '2000000000', '--image-opts', 'driver=null-co,size=1G']
 
 
-def qemu_img(*args):
-    return subprocess.run(['qemu-img'] + [str(a) for a in args], check=True,
+def qemu_img(*args, **kw):
+    # Relative names in options (data_file=...) resolve against cwd: keep it in tmp.
+    return subprocess.run(['qemu-img'] + [str(a) for a in args], check=True, cwd=kw.get('cwd'),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -246,7 +247,7 @@ def _snapshot(folder):
 def _data_file(folder):
     os.unlink(folder / 'layer.qcow2')
     qemu_img('create', '-q', '-f', 'qcow2', '-o',
-             'backing_file=disk.img,backing_fmt=raw,data_file=data.raw', folder / 'layer.qcow2')
+             'backing_file=disk.img,backing_fmt=raw,data_file=data.raw', folder / 'layer.qcow2', cwd=folder)
 
 
 def _dirty(folder):
