@@ -20,7 +20,6 @@ author:
   - vmimage.qemu developers
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
-  - ansible.builtin.action_common_attributes.info_module
   - vmimage.qemu.store
 attributes:
   check_mode:
