@@ -73,14 +73,18 @@ CREATED = [
 def _create(tmp_path, fmt_id, options):
     fmt = fmt_id.split('-')[0]
     path = tmp_path / 'disk.img'
-    proc = subprocess.run(['qemu-img', 'create', '-q', '-f', fmt] + options + [str(path), '16M'],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    if proc.returncode != 0:
-        if fmt == 'luks':
-            # LUKS key derivation benchmarks the CPU and can refuse on an idle VM.
-            pytest.skip('qemu-img could not create a LUKS image here: %s' % proc.stderr)
-        raise AssertionError(proc.stderr)
-    return path
+    # LUKS key derivation benchmarks the CPU and can refuse a very short
+    # iter-time on a loaded or idle VM: try a few before giving up.
+    attempts = [options] if fmt != 'luks' else [
+        [o.replace('iter-time=10', 'iter-time=%d' % t) for o in options] for t in (10, 50, 200)]
+    for opts in attempts:
+        proc = subprocess.run(['qemu-img', 'create', '-q', '-f', fmt] + opts + [str(path), '16M'],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if proc.returncode == 0:
+            return path
+    if fmt == 'luks':
+        pytest.skip('qemu-img could not create a LUKS image here: %s' % proc.stderr)
+    raise AssertionError(proc.stderr)
 
 
 @needs_qemu_img

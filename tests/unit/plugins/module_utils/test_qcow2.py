@@ -522,7 +522,8 @@ ATTACKS = [
     ('l1-past-eof', _p(40, '>Q', 1 << 40), InvalidArchiveError, ['L1 table', 'past the end of the file']),
     ('refcount-table-past-eof', _p(48, '>Q', 1 << 40), InvalidArchiveError,
      ['refcount table', 'past the end of the file']),
-    ('refcount-clusters-zero', _p(56, '>I', 0), InvalidArchiveError, ['refcount_table_clusters 0 out of range']),
+    ('refcount-clusters-zero', _p(56, '>I', 0), InvalidArchiveError,
+     ['refcount_table_clusters 0 out of range']),
     ('refcount-clusters-huge', _p(56, '>I', 100000), InvalidArchiveError,
      ['refcount_table_clusters 100000 out of range']),
 ]

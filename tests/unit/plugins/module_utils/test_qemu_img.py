@@ -7,6 +7,7 @@ from __future__ import absolute_import, division, print_function
 
 import json
 import os
+import select
 import shutil
 import struct
 import subprocess
@@ -196,18 +197,21 @@ def test_force_share_reads_an_image_a_vm_holds_open(tmp_path):
     make_image_folder(tmp_path)
     layer = str(tmp_path / 'layer.qcow2')
     # qemu-io in interactive mode keeps the image open read-write (and locked)
-    # until its stdin closes, like a running VM.
+    # until its stdin closes, like a running VM.  It answers 'length' only
+    # once the image is open; nothing else may touch the image before that,
+    # or qemu-io itself would fail to get its write lock.
     holder = subprocess.Popen(['qemu-io', '-f', 'qcow2', layer], stdin=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               cwd=str(tmp_path))
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            probe = subprocess.run(['qemu-img', 'info', '-f', 'qcow2', layer],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            if probe.returncode != 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
+        holder.stdin.write(b'length\n')
+        holder.stdin.flush()
+        ready, _w, _x = select.select([holder.stdout], [], [], 20)
+        assert ready, 'qemu-io did not answer'
+        answer = holder.stdout.readline()
+        assert b'MiB' in answer, (answer, holder.poll())
+        probe = subprocess.run(['qemu-img', 'info', '-f', 'qcow2', layer],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         if probe.returncode == 0:
             pytest.skip('image locking is not available on this file system')
         with pytest.raises(QemuImgError, match='lock'):
@@ -216,6 +220,8 @@ def test_force_share_reads_an_image_a_vm_holds_open(tmp_path):
     finally:
         holder.stdin.close()
         holder.wait(10)
+        holder.stdout.close()
+        holder.stderr.close()
 
 
 # -------------------------------------------------------------- validate ---
