@@ -13,6 +13,7 @@ description: Prints every task result as one JSON document at the end of the run
 '''
 
 import json
+import time
 
 from ansible.plugins.callback import CallbackBase
 
@@ -31,10 +32,13 @@ class CallbackModule(CallbackBase):
 
     def v2_playbook_on_task_start(self, task, is_conditional):
         self._plays[-1]['tasks'].append({'task': {'name': task.get_name()}, 'hosts': {}})
+        self._task_started = time.monotonic()
 
     def _record(self, result, **extra):
         data = dict(result._result)
         data.update(extra)
+        # Wall time of the task as the controller saw it (benchmarks compare tasks).
+        data['_task_seconds'] = time.monotonic() - self._task_started
         self._plays[-1]['tasks'][-1]['hosts'][result._host.get_name()] = data
 
     def v2_runner_on_ok(self, result, **kwargs):
