@@ -64,7 +64,13 @@ class _HashingSink(object):
     def write(self, data):
         self._sha256.update(data)
         self.size += len(data)
-        self._out.write(data)
+        # A raw (unbuffered) file may write less than asked: loop until done.
+        view = memoryview(data)
+        while view:
+            written = self._out.write(view)
+            if written is None:  # buffered writers return None or the full length
+                break
+            view = view[written:]
         return len(data)
 
     def flush(self):

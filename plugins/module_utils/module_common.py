@@ -12,7 +12,10 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
-from ansible_collections.vmimage.qemu.plugins.module_utils.store import DEFAULT_STORE
+
+# Same value as store.DEFAULT_STORE (a test checks it), written out so that
+# option specs import nothing heavy.
+DEFAULT_STORE = '/var/lib/vm-images'
 
 STORE_ARGUMENT_SPEC = dict(
     store=dict(type='path', default=DEFAULT_STORE),
@@ -55,8 +58,14 @@ def download_options(params):
 def error_result(exc):
     """fail_json keywords for a library error: the message and its class."""
     if isinstance(exc, VmImageError):
-        return dict(msg=str(exc), error_kind=exc.kind)
-    return dict(msg='%s: %s' % (type(exc).__name__, exc), error_kind='internal')
+        result = dict(msg=str(exc), error_kind=exc.kind)
+    else:
+        result = dict(msg='%s: %s' % (type(exc).__name__, exc), error_kind='internal')
+    # In-use errors name the processes holding a disk; playbooks may act on them.
+    holders = getattr(exc, 'holders', None)
+    if holders is not None:
+        result['holders'] = holders
+    return result
 
 
 def image_result(store, digest, alias=None):

@@ -25,22 +25,17 @@ __metaclass__ = type
 
 import errno
 import hashlib
-import json
 import os
 import re
 import shutil
 import stat
-import tempfile
 import time
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_reader import (
     DISK, LAYER, MACHINE, extract_image_archive,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils.checksum import (
-    parse_checksum, resolve_checksum, verify_digest,
-)
-from ansible_collections.vmimage.qemu.plugins.module_utils.download import (
-    DownloadRestartRequired, fetch_first, redact_url,
+from ansible_collections.vmimage.qemu.plugins.module_utils.atomic_files import (  # noqa: F401 (re-exported)
+    fsync_dir, read_json, write_json_atomic,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     ImageInUseError, NotFoundError, StoreError,
@@ -64,53 +59,6 @@ _DIGEST = re.compile(r'^sha256:([0-9a-f]{64})$')
 
 def now():
     return time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path, data, mode=0o644):
-    """Write JSON via a temporary file, fsync, rename, fsync the folder."""
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=folder)
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write('\n')
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(folder)
-
-
-def read_json(path, max_size=4 * 1024 * 1024):
-    """Read one of the store's own JSON records (never image content)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            return None
-        raise StoreError('cannot read %s: %s' % (path, exc.strerror))
-    with os.fdopen(fd, 'rb') as f:
-        data = f.read(max_size + 1)
-    if len(data) > max_size:
-        raise StoreError('%s is larger than %d bytes' % (path, max_size))
-    try:
-        return json.loads(data.decode('utf-8'))
-    except ValueError as exc:
-        raise StoreError('%s is not valid JSON: %s' % (path, exc))
 
 
 def key_name(text):
@@ -275,6 +223,8 @@ class ImageStore(object):
             return []
         records = []
         for name in sorted(os.listdir(self.instances_dir)):
+            if name.startswith('.'):
+                continue  # .new-*/.old-*: staging of instance creation and removal
             record = read_json(os.path.join(self.instances_dir, name, INSTANCE_RECORD))
             if record is not None:
                 records.append(record)
@@ -407,6 +357,10 @@ class ImageStore(object):
         Returns a FetchResult.  With check_mode nothing is written and nothing
         downloaded; ``changed`` says what a real run would do.
         """
+        # The HTTP stack (requests, urllib3) is imported only by fetches: the
+        # other users of the store (instances, info) stay cheap to start.
+        from ansible_collections.vmimage.qemu.plugins.module_utils.checksum import parse_checksum
+        from ansible_collections.vmimage.qemu.plugins.module_utils.download import redact_url
         source = redact_url(url)
         alias = check_alias(alias or 'url:' + source)
         spec = parse_checksum(checksum) if checksum else None
@@ -447,6 +401,10 @@ class ImageStore(object):
 
     def _download_and_commit(self, url, mirrors, spec, alias, source, checksum_text, previous_digest,
                              retries, timeout, download_options, sleep):
+        from ansible_collections.vmimage.qemu.plugins.module_utils.checksum import resolve_checksum, verify_digest
+        from ansible_collections.vmimage.qemu.plugins.module_utils.download import (
+            DownloadRestartRequired, fetch_first,
+        )
         kw = dict(download_options)
         kw.update(retries=retries, timeout=timeout)
         if sleep is not None:

@@ -15,6 +15,8 @@ version_added: 0.1.0
 description:
   - Lists the images in the image store with their digest, names (aliases), source, fetch time, last use,
     apparent, allocated and virtual size, and the store's usage totals.
+  - Lists the VM instances (see M(vmimage.qemu.vm_image_instance)) with their image, disk, MAC and the processes
+    holding their disk, and counts the instances of each image.
   - Read-only; never reports a change. A missing store is reported as empty.
 author:
   - vmimage.qemu developers
@@ -31,13 +33,15 @@ attributes:
 options:
   image:
     description:
-      - Narrow the report to one image, by name (alias) or by C(sha256:<hex>) digest.
+      - Narrow the report to one image, by name (alias) or by C(sha256:<hex>) digest, and its instances.
       - Fails when no such image exists.
     type: str
 requirements:
   - Python 3.9 or newer on the target
+  - Linux C(/proc) (for the owners of instance disks)
 seealso:
   - module: vmimage.qemu.vm_image_fetch
+  - module: vmimage.qemu.vm_image_instance
 '''
 
 EXAMPLES = r'''
@@ -53,6 +57,10 @@ EXAMPLES = r'''
   vmimage.qemu.vm_image_info:
     image: builder
   register: builder
+
+- name: Instances whose VM is running
+  ansible.builtin.debug:
+    msg: "{{ cache.instances | selectattr('owners') | map(attribute='name') | list }}"
 '''
 
 RETURN = r'''
@@ -104,6 +112,38 @@ images:
     instances:
       description: Number of instances using the image.
       type: int
+instances:
+  description: The instances (only those of O(image) when it is set), ordered by name.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: Name of the instance.
+      type: str
+    image:
+      description: The image reference (name or digest) the instance was created with.
+      type: str
+    digest:
+      description: C(sha256:<hex>) of the image the instance uses.
+      type: str
+    disk:
+      description: Absolute path of the instance's qcow2 disk.
+      type: str
+    mac:
+      description: MAC address of the instance.
+      type: str
+    uuid:
+      description: uuid of the instance.
+      type: str
+    created_at:
+      description: UTC time the instance was created (ISO 8601).
+      type: str
+    owners:
+      description: Processes holding the disk (QEMU's image lock, or open for writing), each with C(pid),
+        C(command) (program name), C(fd), C(writable) and C(locks), as M(vmimage.qemu.vm_image_instance) reports them.
+      type: list
+      elements: dict
 usage:
   description: Totals for the store.
   returned: always
@@ -124,11 +164,15 @@ usage:
     virtual_size:
       description: Sum of virtual sizes.
       type: int
+    instances:
+      description: Number of instances.
+      type: int
 '''
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
+from ansible_collections.vmimage.qemu.plugins.module_utils.instance import InstanceManager
 from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import (
     STORE_ARGUMENT_SPEC, argument_spec, error_result,
 )
@@ -136,6 +180,17 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageSto
 
 _REPORTED = ('digest', 'aliases', 'source', 'fetched_at', 'last_used', 'apparent_size', 'allocated_size',
              'virtual_size', 'validator_version', 'path', 'disk', 'layer', 'instances', 'parent')
+
+
+def _instances(store, digests):
+    """The instances (of ``digests`` only, unless None) with the owners of
+    their disks, found in one pass over /proc."""
+    manager = InstanceManager(store)
+    records = [r for r in manager.list() if digests is None or r.get('digest') in digests]
+    owners = manager.owners_of_all([r['name'] for r in records])
+    return [dict(name=r['name'], image=r.get('image_id'), digest=r.get('digest'), disk=manager.disk_path(r['name']),
+                 mac=r.get('mac'), uuid=r.get('uuid'), created_at=r.get('created_at'), owners=owners[r['name']])
+            for r in records]
 
 
 def main():
@@ -146,8 +201,9 @@ def main():
     p = module.params
     try:
         store = ImageStore(p['store'], create=False)
-        result = dict(changed=False, store=store.root, exists=store.exists, images=[],
-                      usage=dict(images=0, aliases=0, apparent_size=0, allocated_size=0, virtual_size=0))
+        result = dict(changed=False, store=store.root, exists=store.exists, images=[], instances=[],
+                      usage=dict(images=0, aliases=0, apparent_size=0, allocated_size=0, virtual_size=0,
+                                 instances=0))
         if not store.exists:
             if p['image']:
                 module.fail_json(msg='no image %r: store %s does not exist' % (p['image'], store.root), **result)
@@ -160,7 +216,9 @@ def main():
         for record in records:
             info = store.describe(record, aliases)
             result['images'].append(dict((k, info.get(k)) for k in _REPORTED))
+        result['instances'] = _instances(store, set(r['digest'] for r in records) if p['image'] else None)
         result['usage'] = store.usage()
+        result['usage']['instances'] = len(store.instance_records())
         module.exit_json(**result)
     except VmImageError as exc:
         module.fail_json(**error_result(exc))

@@ -312,3 +312,13 @@ def test_derived_names_only(tmp_path, server):
         assert len(name) == 64 + 5 and name.endswith('.json')
     assert sorted(store.aliases()) == ['../../etc/evil', '/absolute']
     assert not os.path.exists(str(tmp_path / 'etc'))
+
+
+def test_stray_files_in_instances_do_not_break_the_store(tmp_path, server):
+    data, digest = _archive(tmp_path)
+    store = ImageStore(str(tmp_path / 'store'))
+    store.fetch(server.add('/image.tar.zst', data), alias='a')
+    with open(os.path.join(store.instances_dir, 'stray-file'), 'w') as f:
+        f.write('x')
+    assert store.users(digest) == []
+    assert store.remove_alias('a') == (True, digest)

@@ -1,0 +1,258 @@
+# -*- coding: utf-8 -*-
+# Copyright: vmimage.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""vm_image_package through ansible-playbook, with the real parts: a blank
+image written at scattered offsets, packed, fetched by vm_image_fetch into a
+store, and read back through a qcow2 overlay by qemu-img and qemu-io; GNU tar
++ zstd extracting the archive; a real QEMU holding the disk; a full or
+read-only destination file system."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_img import create_overlay
+from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import QEMU_PERM_BASE, locked_bytes
+
+from support.ansible_run import run_playbook
+from support.image_factory import data_extents_of, extract_with_gnu_tar, pattern, same_sparse_content
+
+pytestmark = pytest.mark.skipif(
+    not all(shutil.which(t) for t in ('tar', 'zstd', 'qemu-img', 'qemu-io')),
+    reason='needs GNU tar, zstd, qemu-img and qemu-io')
+
+QEMU = shutil.which('qemu-system-x86_64')
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+# (offset, length, byte) written into the disk: start, unaligned middle, near the end.
+WRITES = [(0, 4096, 0x11), (5 * MIB + 123, 70000, 0x5a), (300 * MIB, MIB, 0xc3), (GIB - 512, 512, 0x7e)]
+
+
+def _package(**args):
+    return {'vmimage.qemu.vm_image_package': args, 'register': 'r'}
+
+
+def _write_disk(disk, writes=WRITES):
+    fd = os.open(disk, os.O_WRONLY)
+    try:
+        for offset, length, byte in writes:
+            os.pwrite(fd, bytes([byte]) * length, offset)
+        os.pwrite(fd, pattern(20000, 3), 700 * MIB)
+    finally:
+        os.close(fd)
+    time.sleep(0.05)  # past the timestamp granularity, so the first pack is trusted
+
+
+def _sha256(path):
+    with open(path, 'rb') as f:
+        return 'sha256:' + hashlib.sha256(f.read()).hexdigest()
+
+
+def test_round_trip_blank_pack_fetch_read_back(tmp_path):
+    path = str(tmp_path / 'build')
+    dest = str(tmp_path / 'out' / 'image.tar.zst')
+    os.makedirs(os.path.dirname(dest))
+    store = str(tmp_path / 'store')
+
+    created = run_playbook([
+        _package(path=path, size_gib=1, machine={'memory': 256, 'network': 'rtl8139'}),
+        _package(path=path, size_gib=1, machine={'memory': 256, 'network': 'rtl8139'}),
+    ], tmp_path, diff=True)
+    first, again = created
+    assert first['changed'] is True and first['created'] is True and again['changed'] is False
+    assert first['path'] == path and first['disk'] == os.path.join(path, 'disk.img')
+    assert first['format'] == 'raw' and first['disk_size'] == GIB
+    assert first['machine']['memory'] == 256 and first['machine']['graphics'] == 'qxl-vga'
+    assert 'uuid' not in first['machine'] and 'mac' not in first['machine']
+    assert first['state'] == 'directory', 'Ansible adds the folder attributes'
+    assert first['diff']['before']['state'] == 'absent' and first['diff']['after']['disk_size'] == GIB
+
+    _write_disk(first['disk'])
+    packed = run_playbook([
+        dict(_package(path=path, dest=dest), register='packed'),
+        _package(path=path, dest=dest),
+        {'vmimage.qemu.vm_image_fetch': {'url': dest, 'checksum': '{{ packed.digest }}', 'image_id': 'built',
+                                         'store': store},
+         'register': 'fetched'},
+    ], tmp_path)
+    pack, repack, fetched = packed
+    assert pack['changed'] is True and pack['packed'] is True
+    assert pack['dest'] == dest and pack['digest'] == _sha256(dest)
+    assert pack['archive_size'] == os.path.getsize(dest) and pack['virtual_size'] == GIB
+    assert pack['data_size'] == sum(n for _, n in data_extents_of(os.path.join(path, 'disk.img')))
+    assert pack['machine']['network'] == 'rtl8139'
+    assert repack['changed'] is False and repack['packed'] is False and repack['digest'] == pack['digest']
+    assert sorted(os.listdir(os.path.dirname(dest))) == ['image.tar.zst', 'image.tar.zst.vmimage.json']
+    assert sorted(os.listdir(path)) == ['disk.img', 'machine.json']
+    assert fetched['changed'] is True and fetched['digest'] == pack['digest']
+
+    # An instance: a qcow2 overlay of the fetched image's layer, read back by QEMU's tools.
+    instance = str(tmp_path / 'instance.qcow2')
+    create_overlay(instance, fetched['layer'], 'qcow2')
+    for offset, length, byte in WRITES:
+        proc = subprocess.run(['qemu-io', '-f', 'qcow2', '-r', '-c',
+                               'read -P 0x%02x %d %d' % (byte, offset, length), instance],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+        assert proc.returncode == 0 and 'Pattern verification failed' not in proc.stdout, proc.stdout
+    proc = subprocess.run(['qemu-io', '-f', 'qcow2', '-r', '-c', 'read -P 0x00 %d %d' % (200 * MIB, MIB),
+                           instance], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    assert 'Pattern verification failed' not in proc.stdout, 'holes read back as zeros'
+    raw = str(tmp_path / 'instance.raw')
+    subprocess.run(['qemu-img', 'convert', '-f', 'qcow2', '-O', 'raw', instance, raw], check=True)
+    assert same_sparse_content(raw, os.path.join(path, 'disk.img'))
+
+    # The original tools read it too: zstd + GNU tar give identical sparse files.
+    extracted = extract_with_gnu_tar(dest, str(tmp_path / 'gnu'))
+    assert same_sparse_content(os.path.join(extracted, 'disk.img'), os.path.join(path, 'disk.img'))
+    assert os.stat(os.path.join(extracted, 'disk.img')).st_blocks * 512 < 8 * MIB
+    with open(os.path.join(extracted, 'machine.json'), 'rb') as a, \
+            open(os.path.join(path, 'machine.json'), 'rb') as b:
+        assert a.read() == b.read()
+    info = json.loads(subprocess.run(['qemu-img', 'info', '--output', 'json', '-f', 'qcow2',
+                                      os.path.join(extracted, 'layer.qcow2')],
+                                     check=True, stdout=subprocess.PIPE).stdout)
+    assert info['backing-filename'] == 'disk.img' and info['backing-filename-format'] == 'raw'
+
+
+def test_from_archive_check_mode_diff_and_absent(tmp_path):
+    src = str(tmp_path / 'src')
+    archive = str(tmp_path / 'base.tar.zst')
+    path = str(tmp_path / 'work')
+    dest = str(tmp_path / 'new.tar.zst')
+    base = run_playbook([_package(path=src, size_gib=1)], tmp_path)
+    _write_disk(base[0]['disk'])
+    run_playbook([_package(path=src, dest=archive)], tmp_path)
+
+    check = run_playbook([
+        _package(path=path, from_archive=archive, dest=dest),
+        _package(path=path, state='absent'),
+    ], tmp_path, check=True, diff=True)
+    assert check[0]['changed'] is True and check[0]['created'] is True and check[0]['packed'] is False
+    assert check[1]['changed'] is False
+    assert not os.path.exists(path) and not os.path.exists(dest), 'check mode writes nothing'
+
+    run = run_playbook([
+        _package(path=path, from_archive=archive),
+        _package(path=path, dest=dest),
+    ], tmp_path)
+    assert run[0]['changed'] is True and run[0]['created'] is True
+    assert sorted(os.listdir(path)) == ['disk.img', 'machine.json'], 'layer.qcow2 dropped'
+    assert run[1]['digest'] == _sha256(archive), 'unmodified: the same archive'
+
+    fd = os.open(os.path.join(path, 'disk.img'), os.O_WRONLY)
+    os.pwrite(fd, b'update', 9 * MIB)
+    os.close(fd)
+    time.sleep(0.05)
+    check = run_playbook([_package(path=path, dest=dest)], tmp_path, check=True, diff=True)
+    assert check[0]['changed'] is True and check[0]['packed'] is False
+    assert 'disk' in check[0]['pack_reason']
+    assert check[0]['diff']['before']['dest_digest'] == run[1]['digest']
+    run2 = run_playbook([
+        _package(path=path, dest=dest),
+        _package(path=path, dest=dest),
+        _package(path=path, state='absent'),
+        _package(path=path, state='absent'),
+    ], tmp_path, check=False, diff=True)
+    assert run2[0]['changed'] is True and run2[0]['digest'] != run[1]['digest']
+    assert run2[0]['previous_digest'] == run[1]['digest']
+    assert run2[0]['diff']['after']['dest_digest'] == run2[0]['digest']
+    assert run2[1]['changed'] is False
+    assert run2[2]['changed'] is True and run2[2]['removed'] is True and not os.path.exists(path)
+    assert run2[3]['changed'] is False
+    assert sorted(os.listdir(str(tmp_path))).count('work') == 0
+
+
+def test_option_errors(tmp_path):
+    path = str(tmp_path / 'img')
+    run = run_playbook([
+        dict(_package(path=path), ignore_errors=True),
+        dict(_package(path=path, size_gib=100), ignore_errors=True),
+        dict(_package(path=path, size_gib=1, machine={'network': 'virtio'}), ignore_errors=True),
+        dict(_package(path=path, size_gib=1, dest=str(tmp_path / 'a.tar.zst'), compression_level=20),
+             ignore_errors=True),
+        dict(_package(path=path, size_gib=1, from_archive='/nonexistent'), ignore_errors=True),
+    ], tmp_path, expect_failure=True)
+    missing, too_big, bad_machine, bad_level, exclusive = run
+    assert missing['failed'] and 'size_gib' in missing['msg'] and missing['error_kind'] == 'not_found'
+    assert too_big['failed'] and too_big['error_kind'] == 'limit_exceeded' and '80 GiB' in too_big['msg']
+    assert bad_machine['failed'] and bad_machine['error_kind'] == 'invalid_machine' and 'network' in bad_machine['msg']
+    assert bad_level['failed'] and 'compression_level' in bad_level['msg']
+    assert exclusive['failed'] and 'mutually exclusive' in exclusive['msg']
+    assert os.listdir(str(tmp_path)).count('img') == 0
+
+
+@pytest.mark.skipif(QEMU is None, reason='needs qemu-system-x86_64')
+def test_running_qemu_blocks_pack_and_absent(tmp_path):
+    path = str(tmp_path / 'img')
+    dest = str(tmp_path / 'img.tar.zst')
+    run_playbook([_package(path=path, size_gib=1)], tmp_path)
+    disk = os.path.join(path, 'disk.img')
+    proc = subprocess.Popen([QEMU, '-machine', 'pc', '-m', '16', '-nodefaults', '-nographic', '-display', 'none',
+                             '-accel', 'tcg', '-S', '-monitor', 'none', '-serial', 'none',
+                             '-drive', 'file=%s,format=raw,if=none,id=d0' % disk,
+                             '-device', 'virtio-blk-pci,drive=d0'],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not any(o == QEMU_PERM_BASE + 1 for o, _ in locked_bytes(disk)):
+            assert proc.poll() is None and time.monotonic() < deadline, 'qemu did not lock the disk'
+            time.sleep(0.02)
+        run = run_playbook([
+            dict(_package(path=path, dest=dest), ignore_errors=True),
+            dict(_package(path=path, state='absent', force=True), ignore_errors=True),
+        ], tmp_path, expect_failure=True)
+        for result in run:
+            assert result['failed'] is True and result['error_kind'] == 'in_use'
+            assert 'pid %d (qemu-system' % proc.pid in result['msg'] and 'stop the VM' in result['msg']
+            assert [h['pid'] for h in result['holders']] == [proc.pid]
+            assert result['holders'][0]['writable'] is True
+        assert sorted(os.listdir(path)) == ['disk.img', 'machine.json']
+        assert not os.path.exists(dest)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run = run_playbook([_package(path=path, dest=dest), _package(path=path, state='absent')], tmp_path)
+    assert run[0]['changed'] is True and run[1]['changed'] is True and not os.path.exists(path)
+
+
+@contextlib.contextmanager
+def _tmpfs(path, options):
+    os.makedirs(path)
+    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        pytest.skip('cannot mount a tmpfs: %s' % proc.stderr.decode().strip())
+    try:
+        yield path
+    finally:
+        subprocess.run(['umount', '-l', path], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('mount'), reason='mounting a tmpfs needs root')
+def test_full_and_read_only_destinations_fail_clearly_and_leave_nothing(tmp_path):
+    path = str(tmp_path / 'img')
+    run_playbook([_package(path=path, size_gib=1)], tmp_path)
+    fd = os.open(os.path.join(path, 'disk.img'), os.O_WRONLY)
+    for i in range(4):
+        os.pwrite(fd, os.urandom(MIB), i * 100 * MIB)
+    os.close(fd)
+    with _tmpfs(str(tmp_path / 'full'), 'size=1m') as full, _tmpfs(str(tmp_path / 'ro'), 'ro,size=1m') as ro:
+        run = run_playbook([
+            dict(_package(path=path, dest=os.path.join(full, 'img.tar.zst')), ignore_errors=True),
+            dict(_package(path=path, dest=os.path.join(ro, 'img.tar.zst')), ignore_errors=True),
+        ], tmp_path, expect_failure=True)
+        assert run[0]['failed'] and 'no space left on device' in run[0]['msg'], run[0]['msg']
+        assert run[1]['failed'] and 'read-only file system' in run[1]['msg'], run[1]['msg']
+        assert os.listdir(full) == [] and os.listdir(ro) == []
+    assert sorted(os.listdir(path)) == ['disk.img', 'machine.json']
