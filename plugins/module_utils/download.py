@@ -30,6 +30,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import abc
 import datetime
 import email.utils
 import hashlib
@@ -200,7 +201,7 @@ def _local_path(url):
     return unquote(parts.path)
 
 
-class DownloadStream(object):
+class DownloadStream(abc.ABC):
     """Read-only binary file-like over a download; create it with ``open_download()``.
 
     ``read(n)`` returns exactly ``n`` bytes unless the end was reached
@@ -363,11 +364,13 @@ class DownloadStream(object):
         else:
             self._logger(msg)
 
-    def _next_chunk(self, n):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _next_chunk(self, n):
+        """Return up to ``n`` more bytes of the body (b'' at its end)."""
 
-    def _release(self):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _release(self):
+        """Close what the stream holds (file, response, session)."""
 
 
 class _FileStream(DownloadStream):

@@ -76,7 +76,8 @@ def open_regular_file(path, name=None):
         raise
 
 
-def _file_size(fileobj):
+def file_size(fileobj):
+    """Apparent size of an open file (or a BytesIO)."""
     try:
         return os.fstat(fileobj.fileno()).st_size
     except (AttributeError, OSError, ValueError):
@@ -109,7 +110,7 @@ def read_head_and_tail(fileobj, head_size=HEAD_SIZE, tail_size=TAIL_SIZE):
     except (AttributeError, OSError):
         saved = None
     try:
-        size = _file_size(fileobj)
+        size = file_size(fileobj)
         head = _read_exact_at(fileobj, 0, head_size)
         tail_offset = max(0, size - tail_size)
         tail = _read_exact_at(fileobj, tail_offset, size - tail_offset)

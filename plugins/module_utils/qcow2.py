@@ -28,6 +28,7 @@ import struct
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     InvalidArchiveError, LimitExceededError, UnsafeImageError,
 )
+from ansible_collections.vmimage.qemu.plugins.module_utils.format_probe import file_size as probe_file_size
 from ansible_collections.vmimage.qemu.plugins.module_utils.format_probe import (
     open_regular_file,
 )
@@ -171,13 +172,6 @@ def _read_bounded(fileobj, length):
     return b''.join(chunks)
 
 
-def _file_size(fileobj):
-    try:
-        return os.fstat(fileobj.fileno()).st_size
-    except (AttributeError, OSError, ValueError):
-        return fileobj.seek(0, os.SEEK_END)
-
-
 def _decode_strict(name, field, raw):
     try:
         return raw.decode('utf-8')
@@ -271,7 +265,7 @@ def read_qcow2_header(path_or_fileobj, name=None):
 
 
 def _read_header(fileobj, name):
-    file_size = _file_size(fileobj)
+    file_size = probe_file_size(fileobj)
     head = _read_bounded(fileobj, min(file_size, V3_MIN_HEADER_LENGTH + 8))
     if len(head) < V2_HEADER_LENGTH:
         raise _fail(name, 'file is %d bytes, too short for a qcow2 header' % len(head))
