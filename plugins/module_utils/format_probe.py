@@ -85,7 +85,7 @@ def file_size(fileobj):
         return fileobj.seek(0, os.SEEK_END)
 
 
-def _read_exact_at(fileobj, offset, length):
+def read_exact_at(fileobj, offset, length):
     """Read up to ``length`` bytes at ``offset`` (fewer only at end of file)."""
     fileobj.seek(offset)
     chunks = []
@@ -111,9 +111,9 @@ def read_head_and_tail(fileobj, head_size=HEAD_SIZE, tail_size=TAIL_SIZE):
         saved = None
     try:
         size = file_size(fileobj)
-        head = _read_exact_at(fileobj, 0, head_size)
+        head = read_exact_at(fileobj, 0, head_size)
         tail_offset = max(0, size - tail_size)
-        tail = _read_exact_at(fileobj, tail_offset, size - tail_offset)
+        tail = read_exact_at(fileobj, tail_offset, size - tail_offset)
     finally:
         if saved is not None:
             fileobj.seek(saved)

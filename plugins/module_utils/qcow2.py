@@ -29,6 +29,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     InvalidArchiveError, LimitExceededError, UnsafeImageError,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.format_probe import file_size as probe_file_size
+from ansible_collections.vmimage.qemu.plugins.module_utils.format_probe import read_exact_at
 from ansible_collections.vmimage.qemu.plugins.module_utils.format_probe import (
     open_regular_file,
 )
@@ -158,20 +159,6 @@ def _set_bits(value):
     return bits
 
 
-def _read_bounded(fileobj, length):
-    """Read the first ``length`` bytes; ``length`` is always <= MAX_READ."""
-    fileobj.seek(0)
-    chunks = []
-    remaining = length
-    while remaining > 0:
-        chunk = fileobj.read(remaining)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b''.join(chunks)
-
-
 def _decode_strict(name, field, raw):
     try:
         return raw.decode('utf-8')
@@ -266,7 +253,7 @@ def read_qcow2_header(path_or_fileobj, name=None):
 
 def _read_header(fileobj, name):
     file_size = probe_file_size(fileobj)
-    head = _read_bounded(fileobj, min(file_size, V3_MIN_HEADER_LENGTH + 8))
+    head = read_exact_at(fileobj, 0, min(file_size, V3_MIN_HEADER_LENGTH + 8))
     if len(head) < V2_HEADER_LENGTH:
         raise _fail(name, 'file is %d bytes, too short for a qcow2 header' % len(head))
     (magic, version, backing_file_offset, backing_file_size, cluster_bits, size,
@@ -305,7 +292,7 @@ def _read_header(fileobj, name):
     # Everything else lives in the first cluster; the file may be shorter
     # (then whatever is past its end is simply missing).
     limit = min(cluster_size, file_size)
-    head = _read_bounded(fileobj, limit)
+    head = read_exact_at(fileobj, 0, limit)
     if len(head) < limit:
         raise _fail(name, 'short read: %d of %d header bytes' % (len(head), limit))
     if header_length > limit:
