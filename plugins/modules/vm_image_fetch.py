@@ -21,7 +21,7 @@ description:
   - Any number of processes asking for the same image at once cause one download; the others wait and use it.
   - When the image is present the module does no network I/O and does not hash the image again.
 author:
-  - vmimage.qemu developers
+  - vmimage.qemu developers (@vmimage)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - vmimage.qemu.store

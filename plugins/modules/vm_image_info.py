@@ -19,7 +19,7 @@ description:
     holding their disk, and counts the instances of each image.
   - Read-only; never reports a change. A missing store is reported as empty.
 author:
-  - vmimage.qemu developers
+  - vmimage.qemu developers (@vmimage)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - vmimage.qemu.store

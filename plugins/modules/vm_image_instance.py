@@ -29,7 +29,7 @@ description:
     The processes holding the disk are returned as RV(owners).
   - Returns the QEMU command line for the instance (RV(qemu_args)), ready to run without a shell.
 author:
-  - vmimage.qemu developers
+  - vmimage.qemu developers (@vmimage)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - vmimage.qemu.store

@@ -26,7 +26,7 @@ description:
   - Packing and removing are refused while a process uses the disk, as a running QEMU announces with its
     image lock (or any process with the disk open for writing); the error names the processes.
 author:
-  - vmimage.qemu developers
+  - vmimage.qemu developers (@vmimage)
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
 attributes:

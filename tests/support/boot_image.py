@@ -258,3 +258,44 @@ def kvm_usable():
         return False
     os.close(fd)
     return True
+
+
+def install_boot_sector(disk_path, **kw):
+    """Write the boot sector at offset 0 of an existing raw disk, leaving its
+    size and its holes alone (what ``dd conv=notrunc`` would do)."""
+    fd = os.open(str(disk_path), os.O_WRONLY)
+    try:
+        sector = build_boot_sector(**kw)
+        if os.pwrite(fd, sector, 0) != len(sector):
+            raise OSError('short write of the boot sector to %s' % disk_path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _main(argv):
+    """Command line used by the demo and the molecule scenarios:
+
+    ``boot_image.py install DISK``   put the boot sector on a mutable image's disk.img
+    ``boot_image.py qemu-args``      print (JSON) the QEMU arguments the guest needs to exit
+    ``boot_image.py parse LOG``      print (JSON) the boot counts found in a serial log
+    """
+    if len(argv) == 2 and argv[0] == 'install':
+        install_boot_sector(argv[1])
+        print(json.dumps({'installed': argv[1], 'marker': MARKER}))
+        return 0
+    if argv == ['qemu-args']:
+        print(json.dumps({'args': debug_exit_args(), 'expected_exit_status': expected_exit_status(),
+                          'marker': MARKER}))
+        return 0
+    if len(argv) == 2 and argv[0] == 'parse':
+        with open(argv[1], 'r', errors='replace') as f:
+            print(json.dumps({'boots': parse_boot_lines(f.read())}))
+        return 0
+    print(_main.__doc__)
+    return 2
+
+
+if __name__ == '__main__':
+    import sys
+    sys.exit(_main(sys.argv[1:]))
