@@ -22,23 +22,18 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import errno
-import fcntl
 import os
 import re
 
+from ansible_collections.vmimage.qemu.plugins.module_utils.host_probe import (
+    KVM_DEVICE, QEMU_SYSTEM, probe_kvm,
+)
 from ansible_collections.vmimage.qemu.plugins.module_utils.machine import (
     apply_defaults, is_valid_mac,
 )
 
-QEMU_SYSTEM = 'qemu-system-x86_64'
-KVM_DEVICE = '/dev/kvm'
 ACCELERATORS = ('auto', 'kvm', 'tcg')
 DISK_FORMATS = ('qcow2', 'raw')
-
-# _IO(KVMIO, 0x00): the first ioctl any KVM user makes; the answer is fixed at 12.
-_KVM_GET_API_VERSION = 0xAE00
-_KVM_API_VERSION = 12
 
 _DRIVE_ID = 'disk0'
 _NETDEV_ID = 'net0'
@@ -73,19 +68,9 @@ def qemu_opt(value):
 def kvm_available(device=KVM_DEVICE):
     """True when this process can open ``device`` read-write and it answers
     the KVM API version ioctl (a present but unusable /dev/kvm -- wrong
-    permissions, nested virtualisation off -- counts as unavailable)."""
-    try:
-        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        return fcntl.ioctl(fd, _KVM_GET_API_VERSION) == _KVM_API_VERSION
-    except OSError as exc:
-        if exc.errno in (errno.ENOTTY, errno.EINVAL, errno.ENODEV, errno.EPERM, errno.EACCES):
-            return False
-        raise
-    finally:
-        os.close(fd)
+    permissions, nested virtualisation off -- counts as unavailable).
+    host_probe.probe_kvm() says why not."""
+    return probe_kvm(device).usable
 
 
 def select_accel(accel='auto', device=KVM_DEVICE):
@@ -103,7 +88,7 @@ def _netdev_args(netdev):
         return []
     if netdev == 'user':
         return ['-netdev', 'user,id=%s' % _NETDEV_ID]
-    kind, _, arg = str(netdev).partition(':')
+    kind, _sep, arg = str(netdev).partition(':')
     if kind == 'tap' and _IFNAME.fullmatch(arg):
         # script=no: QEMU must not run /etc/qemu-ifup as root on our behalf.
         return ['-netdev', 'tap,id=%s,ifname=%s,script=no,downscript=no' % (_NETDEV_ID, arg)]

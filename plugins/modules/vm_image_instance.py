@@ -63,8 +63,9 @@ options:
     default: present
   mac:
     description:
-      - MAC address of the instance's network card; lowercase, locally administered and unicast
-        (C([0-9a-f][26ae](:[0-9a-f]{2}){5})), not the image's default and not used by another instance.
+      - MAC address of the instance's network card, six lowercase hex octets separated by colons
+        (for example V(52:54:00:12:34:56)), locally administered and unicast (the second hex digit of the
+        first octet is V(2), V(6), V(a) or V(e)), not the image's default and not used by another instance.
       - When omitted, an existing instance keeps its MAC and a new one gets a random address.
     type: str
   machine:

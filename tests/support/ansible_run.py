@@ -59,7 +59,7 @@ def run_playbook(tasks, tmp_path, check=False, diff=False, extra_vars=None, env=
     if diff:
         cmd.append('--diff')
     proc = subprocess.run(cmd, env=ansible_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=600)
+                          universal_newlines=True, timeout=600, check=False)
     try:
         doc = json.loads(proc.stdout[proc.stdout.index('{'):])
     except ValueError:
@@ -70,3 +70,71 @@ def run_playbook(tasks, tmp_path, check=False, diff=False, extra_vars=None, env=
         raise AssertionError('ansible-playbook failed (rc %d): %s\n%s'
                              % (proc.returncode, json.dumps(results[-1:], indent=1)[-3000:], proc.stderr[-2000:]))
     return PlaybookRun(proc.returncode, results, proc.stdout, proc.stderr)
+
+
+class PlaysRun(PlaybookRun):
+    """The outcome of run_plays(): ``results`` holds the result of every task
+    that ran on localhost, across all plays, in order; ``names`` their task
+    names ('<role> : <task>' for role tasks)."""
+
+    def __init__(self, returncode, names, results, stdout, stderr):
+        super(PlaysRun, self).__init__(returncode, results, stdout, stderr)
+        self.names = names
+
+    def changed(self):
+        """Names of the tasks that reported a change."""
+        return [n for n, r in zip(self.names, self.results) if r.get('changed')]
+
+    def failed(self):
+        return [n for n, r in zip(self.names, self.results) if r.get('failed')]
+
+    def task(self, name):
+        """The result of the last task whose name ends with ``name``."""
+        found = [r for n, r in zip(self.names, self.results) if n.endswith(name)]
+        if not found:
+            raise KeyError('no task named %r ran; tasks: %s' % (name, self.names))
+        return found[-1]
+
+
+def run_plays(plays, tmp_path, check=False, diff=False, extra_vars=None, env=None, expect_failure=False,
+              name='site'):
+    """Run whole plays (roles, pre_tasks, gather_facts: anything a playbook
+    holds) against localhost through ansible-playbook; ``extra_vars`` go in
+    with ``-e @file`` (highest precedence).  Returns PlaysRun.  Plays set
+    their own ``ansible_python_interpreter``.
+
+    The recording callback has no hook for handlers: a handler's result
+    replaces the entry of the task before it."""
+    tmp_path = str(tmp_path)
+    path = os.path.join(tmp_path, '%s-%d.yml' % (name, os.getpid()))
+    with open(path, 'w') as f:
+        yaml.safe_dump(plays, f)
+    cmd = [os.path.join(_BIN, 'ansible-playbook'), '-i', 'localhost,', path]
+    if extra_vars:
+        vars_path = os.path.join(tmp_path, '%s-%d-vars.json' % (name, os.getpid()))
+        with open(vars_path, 'w') as f:
+            json.dump(extra_vars, f)
+        cmd += ['-e', '@' + vars_path]
+    if check:
+        cmd.append('--check')
+    if diff:
+        cmd.append('--diff')
+    proc = subprocess.run(cmd, env=ansible_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=600, check=False)
+    try:
+        doc = json.loads(proc.stdout[proc.stdout.index('{'):])
+    except ValueError:
+        raise AssertionError('ansible-playbook printed no JSON (rc %d):\n%s\n%s'
+                             % (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
+    names, results = [], []
+    for play in doc['plays']:
+        for task in play['tasks']:
+            if 'localhost' in task['hosts']:
+                names.append(task['task']['name'])
+                results.append(task['hosts']['localhost'])
+    run = PlaysRun(proc.returncode, names, results, proc.stdout, proc.stderr)
+    if proc.returncode != 0 and not expect_failure:
+        raise AssertionError('ansible-playbook failed (rc %d): failed tasks %s\n%s\n%s'
+                             % (proc.returncode, run.failed(), json.dumps(results[-1:], indent=1)[-3000:],
+                                proc.stderr[-2000:]))
+    return run
