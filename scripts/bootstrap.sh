@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-utils qemu-system-x86 zstd tar python3 python3-venv python3-pip openssh-server openssh-client)
+APT_PACKAGES=(qemu-utils qemu-system-x86 zstd tar python3 python3-venv python3-pip openssh-server openssh-client sudo)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
