@@ -81,7 +81,7 @@ def main():
                 os.unlink(os.path.join(work, 'dl.tar.zst'))
                 return (sum(r['_task_seconds'] for r in run.results), 0, 0)
 
-            for _ in range(args.rounds):
+            for _round in range(args.rounds):
                 for name, fn in (('ours', ours), ('curl', curl), ('ansible', ansible)):
                     times[name].append(fn())
             # Idempotent re-run next to a stat task, same play, store populated by ours().

@@ -37,9 +37,9 @@ def make_test_disk(path, apparent=8 * GIB, data=1 * GIB, extents=1700, seed=1):
     try:
         os.ftruncate(fd, apparent)
         slot = apparent // extents
-        words = [bytes(rng.choice(b'abcdefghijklmnopqrstuvwxyz ') for _ in range(rng.randint(2, 12)))
-                 for _ in range(512)]
-        text = b' '.join(rng.choice(words) for _ in range(400000))[:8 * MIB]
+        words = [bytes(rng.choice(b'abcdefghijklmnopqrstuvwxyz ') for _letter in range(rng.randint(2, 12)))
+                 for _word in range(512)]
+        text = b' '.join(rng.choice(words) for _word in range(400000))[:8 * MIB]
         written = 0
         for i in range(extents):
             length = max(block, (int(avg * rng.uniform(0.5, 1.5)) // block) * block)
@@ -82,7 +82,7 @@ def run_timed(argv_list, cwd=None, stdin_path=None, stdout_path=None):
             procs.append(p)
         peaks = []
         for p in procs:
-            _, status, usage = os.wait4(p.pid, 0)
+            _pid, status, usage = os.wait4(p.pid, 0)
             p.returncode = os.waitstatus_to_exitcode(status)
             peaks.append(usage.ru_maxrss * 1024)
             if p.returncode != 0:
@@ -104,7 +104,7 @@ def drop_caches_if_possible():
 def alternate(label_a, run_a, label_b, run_b, rounds=2):
     """A B A B ...: returns dict label -> list of (seconds, peak_rss)."""
     results = {label_a: [], label_b: []}
-    for _ in range(rounds):
+    for _round in range(rounds):
         for label, run in ((label_a, run_a), (label_b, run_b)):
             drop_caches_if_possible()
             results[label].append(run())

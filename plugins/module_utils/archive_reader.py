@@ -135,7 +135,7 @@ class _DecompressedStream(object):
                                           read_across_frames=True, closefd=False)
         self._free = queue.Queue()
         self._full = queue.Queue()
-        for _ in range(DECOMPRESS_BUFFERS):
+        for _buffer in range(DECOMPRESS_BUFFERS):
             self._free.put(bytearray(DECOMPRESS_BUFFER))
         self._stop = False
         self._buf = None
@@ -216,7 +216,7 @@ class _DecompressedStream(object):
         return b''.join(parts)
 
     def skip(self, size):
-        for _ in self.chunks(size):
+        for _chunk in self.chunks(size):
             pass
 
     def at_eof(self):
@@ -270,7 +270,7 @@ class _SparseMapBuilder(object):
         self._end = offset + length
 
     def data_bytes(self):
-        return sum(length for _, length in self.entries)
+        return sum(length for _offset, length in self.entries)
 
 
 class _ImageTarExtractor(object):

@@ -162,7 +162,7 @@ def write_image_archive(folder, out, level=3, threads=0, mtime=0):
         extents = data_extents(disk_fd, disk_size)
         entries = _sparse_entries(extents, disk_size)
         map_block = sparse_map_text(entries)
-        data_bytes = sum(length for _, length in extents)
+        data_bytes = sum(length for _offset, length in extents)
         stored = len(map_block) + data_bytes
         records = [
             pax_record('GNU.sparse.major', 1),

@@ -329,7 +329,7 @@ class InstanceManager(object):
             image_mac = (image_record.get('machine') or {}).get('mac')
             if image_mac:
                 taken.add(image_mac)
-            for _ in range(_MAC_ATTEMPTS):
+            for _attempt in range(_MAC_ATTEMPTS):
                 mac = random_mac()
                 if mac not in taken:
                     break
@@ -505,4 +505,3 @@ class InstanceManager(object):
                 fsync_dir(self.store.instances_dir)
             old.drop()
             return InstanceChange('remove', current, None, owners, cleaned=cleaned)
-

@@ -817,4 +817,3 @@ class MutableImage(object):
             raise VmImageError('%s was removed from view, but %s could not be deleted completely'
                                % (self.path, trash))
         return True
-

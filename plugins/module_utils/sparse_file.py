@@ -15,6 +15,7 @@ __metaclass__ = type
 import errno
 import os
 
+
 def data_extents(fd, size=None):
     """Return the data extents of an open file as a list of (offset, length).
 
@@ -52,4 +53,4 @@ def allocated_bytes(path):
 
 
 def data_bytes(extents):
-    return sum(length for _, length in extents)
+    return sum(length for _offset, length in extents)

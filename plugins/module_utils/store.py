@@ -87,7 +87,7 @@ def check_alias(alias):
 def _make_tree_writable(path):
     """Cached images are read-only (files 0444, folder 0555); removal needs
     write permission on the folder first."""
-    for dirpath, dirnames, _ in os.walk(path):
+    for dirpath, dirnames, _filenames in os.walk(path):
         os.chmod(dirpath, 0o700)
         for d in dirnames:
             os.chmod(os.path.join(dirpath, d), 0o700)

@@ -36,7 +36,7 @@ def _fetch(store, url, **kw):
 
 
 def test_fetch_idempotent_check_mode_and_info(tmp_path, served):
-    srv, url, _, digest = served
+    srv, url, _auth_url, digest = served
     store = str(tmp_path / 'store')
     check = run_playbook([_fetch(store, url, image_id='demo', checksum=digest)], tmp_path, check=True, diff=True)
     assert check[0]['changed'] is True and check[0]['downloaded'] is False
@@ -63,7 +63,7 @@ def test_fetch_idempotent_check_mode_and_info(tmp_path, served):
 
 
 def test_absent_removes_alias_and_image(tmp_path, served):
-    _, url, _, digest = served
+    _srv, url, _auth_url, digest = served
     store = str(tmp_path / 'store')
     run = run_playbook([
         _fetch(store, url, image_id='a'),
@@ -77,7 +77,7 @@ def test_absent_removes_alias_and_image(tmp_path, served):
 
 
 def test_credentials_never_shown(tmp_path, served):
-    srv, _, auth_url, digest = served
+    srv, _url, auth_url, digest = served
     store = str(tmp_path / 'store')
     run = run_playbook([_fetch(store, auth_url, url_username='ci', url_password=SECRET)], tmp_path)
     assert run[0]['digest'] == digest
@@ -93,7 +93,7 @@ def test_credentials_never_shown(tmp_path, served):
 
 
 def test_checksum_mismatch_fails_with_kind(tmp_path, served):
-    _, url, _, _ = served
+    _srv, url, _auth_url, _digest = served
     store = str(tmp_path / 'store')
     run = run_playbook([_fetch(store, url, checksum='sha256:' + 'ab' * 32)], tmp_path, expect_failure=True)
     assert run[0]['failed'] is True and run[0]['error_kind'] == 'checksum_mismatch'

@@ -68,7 +68,7 @@ def test_instances_boot_from_qemu_args_and_hold_their_image(tmp_path, served):
         _ignoring(_instance(store, 'd', machine={'memory': 'lots'})),
         _ignoring(_instance(store, 'd', mac=BOOT_MACHINE['mac'])),
     ], tmp_path)
-    _, a, a_again, b, c_check, b_mac, info, remove_image, bad_name, unknown, bad_machine, image_mac = run.results
+    _fetched, a, a_again, b, c_check, b_mac, info, remove_image, bad_name, unknown, bad_machine, image_mac = run.results
 
     assert a['changed'] is True and a['action'] == 'create'
     assert a['disk'] == os.path.join(store, 'instances', 'a', 'disk.qcow2') and os.path.isfile(a['disk'])
@@ -111,7 +111,7 @@ def test_instances_boot_from_qemu_args_and_hold_their_image(tmp_path, served):
     logs = [str(tmp_path / 'a.log'), str(tmp_path / 'b.log')]
     procs = [_boot(a['qemu_args'], logs[0]), _boot(b_mac['qemu_args'], logs[1])]
     for proc, log in zip(procs, logs):
-        _, err = proc.communicate(timeout=60)
+        _out, err = proc.communicate(timeout=60)
         assert proc.returncode == expected_exit_status(), err.decode('utf-8', 'replace')
         assert parse_boot_lines(open(log).read()) == [1]
 

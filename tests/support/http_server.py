@@ -350,6 +350,9 @@ class LocalHTTPServer(object):
                                     {'WWW-Authenticate': 'Basic realm="vmimage-test"'})
         if resource.status is not None:
             return self._simple(handler, record, resource.status)
+        # Set for every request although only a delivered body uses them: a
+        # fault returns before that, which static checkers cannot follow.
+        generation, cut, slow = 0, None, None
         with self._lock:
             if resource.fail_left > 0:
                 resource.fail_left -= 1
@@ -359,14 +362,12 @@ class LocalHTTPServer(object):
                 fault = ('retry_after', resource.retry_after)
             else:
                 fault = None
-                generation = 0
                 if resource.change_etag_after is not None and resource.served >= resource.change_etag_after:
                     generation = 1
                 resource.served += 1
                 cut = resource.cut_after if resource.cut_left > 0 else None
                 if cut is not None:
                     resource.cut_left -= 1
-                slow = None
                 if resource.slow is not None and (resource.slow_left is None or resource.slow_left > 0):
                     slow = resource.slow
                     if resource.slow_left is not None:

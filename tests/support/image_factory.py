@@ -238,7 +238,7 @@ def allocated_bytes(path):
 
 
 def data_bytes_of(path):
-    return sum(n for _, n in data_extents_of(path))
+    return sum(n for _offset, n in data_extents_of(path))
 
 
 def same_sparse_content(a, b, chunk=1024 * 1024):

@@ -92,7 +92,7 @@ def _assert_sparse(src_folder, dst_folder):
     src = os.path.join(src_folder, 'disk.img')
     dst = os.path.join(dst_folder, 'disk.img')
     src_extents = data_extents_of(src)
-    data = sum(n for _, n in src_extents)
+    data = sum(n for _offset, n in src_extents)
     allocated = allocated_bytes(dst)
     # One file-system block of slack at each end of each extent, plus metadata.
     bound = data + 2 * 4096 * len(src_extents) + 64 * KIB

@@ -585,7 +585,7 @@ def test_missing_requests_is_reported_only_for_http(monkeypatch, tmp_path):
 
 
 def test_module_imports_without_requests():
-    root = dl.__file__.split(os.sep + 'ansible_collections' + os.sep)[0]
+    root = dl.__file__.partition(os.sep + 'ansible_collections' + os.sep)[0]
     code = ('import sys; sys.modules["requests"] = None; sys.path.insert(0, %r)\n'
             'from ansible_collections.vmimage.qemu.plugins.module_utils import download\n'
             'assert not download.HAS_REQUESTS\n'

@@ -1,7 +1,14 @@
+# -*- coding: utf-8 -*-
+# Copyright: vmimage.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Copy-on-write instances with real parts: an image fetched over loopback
 HTTP, overlays made by qemu-img, VMs booted by qemu-system-x86_64 (KVM when
 usable, TCG otherwise), locks taken by a live QEMU, processes killed with
 SIGKILL in the middle of a creation."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
 
 import errno
 import hashlib
@@ -100,7 +107,7 @@ def _boot(manager, name, tmp_path, accel='auto', tag=''):
 
 def _finish(proc, log, timeout=60):
     try:
-        _, err = proc.communicate(timeout=timeout)
+        _out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
@@ -153,7 +160,7 @@ def test_two_instances_boot_and_write_only_their_own_overlay(store, manager, tmp
 
     # The cached image: not one byte, timestamp or permission changed.
     assert _image_state(store, digest) == before
-    assert all(mode & 0o222 == 0 for _, _, mode in before.values())
+    assert all(mode & 0o222 == 0 for _sha, _mtime, mode in before.values())
     assert a['mac'] != b['mac']
 
 
@@ -349,7 +356,7 @@ def test_killed_run_leaves_a_consistent_store_for_the_next_one(store, manager, t
     script = tmp_path / 'kill.py'
     script.write_text(_KILL_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), COLLECTIONS, point, store.root, action, 'x'],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
 
     debris = _work_folders(store)
@@ -465,7 +472,7 @@ def test_running_qemu_blocks_removal_and_is_reported_as_owner(store, manager):
         assert forced.action == 'remove' and forced.owners == owners
         assert manager.get('vm') is None and store.users(rec['digest']) == ['instance idle']
         # The VM runs on: its NIC carries the instance MAC.
-        out, _ = proc.communicate(b'info network\nquit\n', timeout=30)
+        out, _err = proc.communicate(b'info network\nquit\n', timeout=30)
         assert ('macaddr=%s' % rec['mac']).encode() in out
     finally:
         if proc.poll() is None:

@@ -189,19 +189,19 @@ ENUMS = [
 ]
 
 
-@pytest.mark.parametrize('field,value', [(f, v) for f, allowed, _ in ENUMS for v in allowed])
+@pytest.mark.parametrize('field,value', [(f, v) for f, allowed, _bad in ENUMS for v in allowed])
 def test_enum_accepts_every_listed_value(field, value):
     assert m.validate_machine(v1(**{field: value}))[field] == value
 
 
-@pytest.mark.parametrize('field,value', [(f, v) for f, _, bad in ENUMS for v in bad])
+@pytest.mark.parametrize('field,value', [(f, v) for f, _allowed, bad in ENUMS for v in bad])
 def test_enum_rejects_near_miss(field, value):
     msg = invalid(v1(**{field: value}), field)
     assert 'must be one of' in msg
     assert repr(value) in msg
 
 
-@pytest.mark.parametrize('field', [f for f, _, _ in ENUMS])
+@pytest.mark.parametrize('field', [f for f, _allowed, _bad in ENUMS])
 @pytest.mark.parametrize('value', [1, None, True, ['e1000'], {'a': 'b'}])
 def test_enum_rejects_non_strings(field, value):
     invalid(v1(**{field: value}), field)
@@ -279,7 +279,7 @@ def test_uuid_rejected(value):
 
 
 def test_random_uuid_valid_and_distinct():
-    values = {m.random_uuid() for _ in range(100)}
+    values = {m.random_uuid() for _i in range(100)}
     assert len(values) == 100
     assert all(m.is_valid_uuid(v) for v in values)
 
@@ -318,7 +318,7 @@ def test_mac_rejected(value):
 def test_random_mac_always_valid_unicast_local():
     rng = random.Random(1234)
     seen = set()
-    for _ in range(10000):
+    for _i in range(10000):
         mac = m.random_mac(rng)
         assert m.is_valid_mac(mac), mac
         first = int(mac[:2], 16)
@@ -329,7 +329,7 @@ def test_random_mac_always_valid_unicast_local():
 
 
 def test_random_mac_default_source():
-    values = {m.random_mac() for _ in range(10000)}
+    values = {m.random_mac() for _i in range(10000)}
     assert len(values) > 9990
     assert all(re.fullmatch(r'[0-9a-f][26ae](:[0-9a-f]{2}){5}', v) for v in values)
 

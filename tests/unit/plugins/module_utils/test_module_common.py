@@ -1,3 +1,10 @@
+# -*- coding: utf-8 -*-
+# Copyright: vmimage.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
+
 import io
 
 from ansible_collections.vmimage.qemu.plugins.module_utils import module_common, store

@@ -38,9 +38,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.mutable_image import 
 from support.image_factory import (
     data_extents_of, extract_with_gnu_tar, make_image_folder, pattern, same_sparse_content,
 )
-
-# Same folder: pytest's default (prepend) import mode puts it on sys.path.
-from test_qemu_locks import QEMU, start_qemu, stop_qemu  # noqa: E402
+from support.qemu_process import QEMU, start_qemu, stop_qemu
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ('tar', 'zstd', 'qemu-img')), reason='needs GNU tar, zstd and qemu-img')
@@ -241,7 +239,7 @@ def test_pack_is_deterministic_and_readable_by_reader_and_gnu_tar(image, tmp_pat
     assert first.digest == second.digest == sha256_of(first.dest)
     assert first.archive_size == os.path.getsize(first.dest)
     assert first.virtual_size == GIB
-    assert first.data_bytes == sum(n for _, n in data_extents_of(image.disk))
+    assert first.data_bytes == sum(n for _offset, n in data_extents_of(image.disk))
     assert listing(image.path) == ['disk.img', 'machine.json'], 'layer.qcow2 exists only while packing'
     assert listing(out) == ['a.tar.zst', 'a.tar.zst.vmimage.json', 'b.tar.zst', 'b.tar.zst.vmimage.json']
 
@@ -271,7 +269,7 @@ def test_idempotent_repack_reads_nothing(image, out, monkeypatch):
     monkeypatch.setattr(mi, 'write_image_archive', no_packing)
     monkeypatch.setattr(mi, 'create_overlay', no_packing)
     monkeypatch.setattr(mi, '_sha256_file', no_packing)
-    for _ in range(3):
+    for _repeat in range(3):
         again = image.package(dest)
         assert (again.changed, again.packed) == (False, False)
         assert again.digest == first.digest and again.archive_size == first.archive_size
@@ -543,7 +541,7 @@ def test_concurrent_packs_to_one_dest_agree(image, out):
         except Exception as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=pack) for _ in range(3)]
+    threads = [threading.Thread(target=pack) for _i in range(3)]
     for t in threads:
         t.start()
     for t in threads:
@@ -575,7 +573,7 @@ def mounted_tmpfs(path, options):
     """A tmpfs at ``path`` (root only); skips the test where mounting is not allowed."""
     os.makedirs(path)
     proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
     if proc.returncode != 0:
         pytest.skip('cannot mount a tmpfs here: %s' % proc.stderr.decode().strip())
     try:
@@ -622,7 +620,7 @@ def test_running_qemu_blocks_pack_and_dispose(image, out):
     proc = start_qemu(image.disk, attach=True)
     try:
         for action in (lambda: image.package(dest), lambda: image.package(dest, check_mode=True),
-                       lambda: image.dispose(), lambda: image.dispose(check_mode=True),
+                       image.dispose, lambda: image.dispose(check_mode=True),
                        lambda: image.dispose(force=True)):
             with pytest.raises(ImageInUseError) as info:
                 action()

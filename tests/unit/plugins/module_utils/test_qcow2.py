@@ -11,6 +11,8 @@ parser cannot hide itself.
 
 from __future__ import absolute_import, division, print_function
 
+__metaclass__ = type
+
 import io
 import os
 import resource
@@ -569,7 +571,7 @@ def test_real_dirty_image_is_rejected(tmp_path):
     layer = make_layer(tmp_path)
     proc = subprocess.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 1 0 64k', '-c', 'abort',
                            str(layer)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          preexec_fn=_no_core, cwd=str(tmp_path))
+                          preexec_fn=_no_core, cwd=str(tmp_path), check=False)
     assert proc.returncode != 0
     with pytest.raises(UnsafeImageError, match=r'incompatible feature bits set: dirty \(bit 0\)'):
         accepted(layer)
@@ -597,7 +599,7 @@ def _create_encrypted(path, fmt_option):
             ['qemu-img', 'create', '-q', '--object', 'secret,id=sec0,data=s3cret', '-f', 'qcow2',
              '-o', 'encrypt.format=%s,encrypt.key-secret=sec0%s'
              % (fmt_option, ',encrypt.iter-time=%d' % iter_time if fmt_option == 'luks' else ''),
-             str(path), '16M'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             str(path), '16M'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
         if proc.returncode == 0:
             return True
     return False

@@ -1,6 +1,13 @@
+# -*- coding: utf-8 -*-
+# Copyright: vmimage.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The QEMU command line of an instance: argv only, explicit formats, the
 accelerator choice, every machine.json value mapped to a device this QEMU
 really has, and the real qemu-system-x86_64 accepting the result."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
 
 import os
 import shutil
@@ -137,7 +144,7 @@ def test_accelerator_selection():
 @needs_qemu
 def test_every_machine_value_maps_to_a_device_this_qemu_has():
     out = subprocess.run([QEMU, '-device', 'help'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         universal_newlines=True, timeout=60).stdout
+                         universal_newlines=True, timeout=60, check=True).stdout
     known = set(line.split('"')[1] for line in out.splitlines() if line.startswith('name "'))
     used = set()
     values = [('graphics', GRAPHICS_DEVICES), ('usb', USB_CONTROLLERS), ('network', NETWORK_DEVICES),
@@ -170,6 +177,7 @@ def test_real_qemu_accepts_the_command_line(tmp_path, overrides):
     # Paused (-S): QEMU parses every option and realises every device, then
     # quits through the monitor.
     proc = subprocess.run(argv + ['-S', '-monitor', 'stdio'], input='info network\nquit\n',
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
     assert 'macaddr=%s' % MAC in proc.stdout

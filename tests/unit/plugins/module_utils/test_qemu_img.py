@@ -5,6 +5,8 @@
 
 from __future__ import absolute_import, division, print_function
 
+__metaclass__ = type
+
 import json
 import os
 import select
@@ -211,7 +213,7 @@ def test_force_share_reads_an_image_a_vm_holds_open(tmp_path):
         answer = holder.stdout.readline()
         assert b'MiB' in answer, (answer, holder.poll())
         probe = subprocess.run(['qemu-img', 'info', '-f', 'qcow2', layer],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
         if probe.returncode == 0:
             pytest.skip('image locking is not available on this file system')
         with pytest.raises(QemuImgError, match='lock'):
@@ -260,7 +262,7 @@ def _dirty(folder):
     subprocess.run(['qemu-io', '-f', 'qcow2', '-c', 'write -P 1 0 64k', '-c', 'abort',
                     str(folder / 'layer.qcow2')], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                    preexec_fn=lambda: __import__('resource').setrlimit(
-                       __import__('resource').RLIMIT_CORE, (0, 0)))
+                       __import__('resource').RLIMIT_CORE, (0, 0)), check=False)
 
 
 # (id, mutation, python-check message, qemu-img-check message)

@@ -11,7 +11,6 @@ __metaclass__ = type
 
 import fcntl
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,50 +24,13 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import (
     describe_holders, describe_locks, disk_holders, ensure_not_in_use, is_in_use, is_locked, locked_bytes,
 )
 
-QEMU = shutil.which('qemu-system-x86_64')
+from support.qemu_process import QEMU, start_qemu, stop_qemu
+
 needs_qemu = pytest.mark.skipif(QEMU is None, reason='needs qemu-system-x86_64')
 needs_linux = pytest.mark.skipif(not sys.platform.startswith('linux'), reason='OFD locks and /proc are Linux')
 pytestmark = needs_linux
 
 MIB = 1024 * 1024
-
-
-def start_qemu(disk, attach=False, fmt='raw', readonly=False, timeout=15):
-    """Start a paused QEMU with ``disk`` open and wait until it holds its
-    image lock (with ``attach``, until it holds the write permission too).
-    Returns the Popen; the caller must stop_qemu() it."""
-    drive = 'file=%s,format=%s,if=none,id=d0' % (disk, fmt)
-    if readonly:
-        drive += ',readonly=on'
-    argv = [QEMU, '-nodefaults', '-nographic', '-display', 'none', '-accel', 'tcg', '-S',
-            '-monitor', 'none', '-serial', 'none', '-drive', drive]
-    if attach:
-        argv = argv[:1] + ['-machine', 'pc', '-m', '16'] + argv[1:] + ['-device', 'virtio-blk-pci,drive=d0']
-    else:
-        argv = argv[:1] + ['-machine', 'none'] + argv[1:]
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + timeout
-    want = qemu_locks.QEMU_PERM_BASE + 1 if attach and not readonly else qemu_locks.QEMU_PERM_BASE
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError('qemu exited with %s: %s' % (proc.returncode, proc.stderr.read()[-2000:]))
-            if any(offset == want for offset, _ in locked_bytes(disk)):
-                return proc
-            if time.monotonic() > deadline:
-                raise AssertionError('qemu did not lock %s within %s s' % (disk, timeout))
-            time.sleep(0.02)
-    except BaseException:
-        stop_qemu(proc)
-        raise
-
-
-def stop_qemu(proc, sig=signal.SIGKILL):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    proc.wait(timeout=30)
-    if proc.stderr:
-        proc.stderr.close()
 
 
 @pytest.fixture
@@ -256,7 +218,7 @@ def test_whole_file_flock_is_not_an_image_lock(disk):
 
 def test_probe_leaves_no_descriptor_and_holds_nothing(disk):
     before = set(os.listdir('/proc/self/fd'))
-    for _ in range(20):
+    for _i in range(20):
         is_in_use(disk)
         locked_bytes(disk)
     assert set(os.listdir('/proc/self/fd')) <= before | {str(max(int(f) for f in before) + 1)}

@@ -1,6 +1,13 @@
+# -*- coding: utf-8 -*-
+# Copyright: vmimage.qemu contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """The image store against a real loopback HTTP server: one-pass fetch,
 idempotence without network, checksums, resume/restart, concurrency across
 real processes, crash debris, removal rules."""
+
+from __future__ import absolute_import, division, print_function
+
+__metaclass__ = type
 
 import io
 import json
@@ -248,7 +255,7 @@ def test_eight_processes_one_download(tmp_path, server):
     url = server.add('/image.tar.zst', data, slow=max(len(data) * 2, 1))
     root = str(tmp_path / 'store')
     ImageStore(root)
-    procs = [_spawn_fetch(root, url, 'shared') for _ in range(8)]
+    procs = [_spawn_fetch(root, url, 'shared') for _i in range(8)]
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)
@@ -271,7 +278,7 @@ def test_different_images_download_in_parallel(tmp_path, server):
     start = time.monotonic()
     procs = [_spawn_fetch(root, url1, 'one'), _spawn_fetch(root, url2, 'two')]
     for p in procs:
-        _, err = p.communicate(timeout=120)
+        _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err.decode()
     elapsed = time.monotonic() - start
     assert elapsed < 1.8 + 1.5, 'two different images should not wait for each other (%.1f s)' % elapsed
