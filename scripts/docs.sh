@@ -27,19 +27,10 @@ esac
 
 bash scripts/bootstrap.sh
 
-# antsibull-docs documents installed collections only: the same symlinked
-# tree the tests use (tests/conftest.py) makes the checkout one.
-COLLECTIONS="$REPO/build/collections"
-LINK="$COLLECTIONS/ansible_collections/vmimage/qemu"
-mkdir -p "$(dirname "$LINK")"
-if [ ! -L "$LINK" ]; then
-  ln -s "$REPO" "$LINK"
-fi
-export ANSIBLE_COLLECTIONS_PATH="$COLLECTIONS"
-# Only that tree: a copy installed elsewhere (site-packages) must not be documented instead.
-export ANSIBLE_COLLECTIONS_SCAN_SYS_PATH=false
+# antsibull-docs documents installed collections only: make the checkout one.
+# shellcheck source=scripts/checkout_collection.sh
+source scripts/checkout_collection.sh
 export ANSIBLE_NOCOLOR=1
-export PATH="$REPO/.venv/bin:$PATH"
 
 REFERENCE=docs/reference
 WORK=$(mktemp -d)
@@ -119,7 +110,7 @@ fi
 # format too and runs rstcheck on it: markup mistakes in DOCUMENTATION
 # (an unbalanced C(...), a broken O(...) reference) show up here.
 if ! antsibull-docs lint-collection-docs --plugin-docs --validate-collection-refs all \
-    --disallow-unknown-collection-refs "$LINK" >"$WORK/lint.log" 2>&1; then
+    --disallow-unknown-collection-refs "$REPO/build/collections/ansible_collections/vmimage/qemu" >"$WORK/lint.log" 2>&1; then
   cat "$WORK/lint.log" >&2
   echo "docs.sh: antsibull-docs lint-collection-docs failed (see above)" >&2
   failures+=("antsibull-docs lint-collection-docs")

@@ -7,15 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 
 # Offline, ansible-lint does not install the checkout as a collection, so
-# vmimage.qemu.* resolves through the same ansible_collections tree the tests
-# use (tests/conftest.py makes it): build/collections/.../vmimage/qemu -> here.
-link=build/collections/ansible_collections/vmimage/qemu
-if [ ! -L "$link" ]; then
-  mkdir -p "$(dirname "$link")"
-  ln -s "$PWD" "$link"
-fi
-export ANSIBLE_COLLECTIONS_PATH="$PWD/build/collections"
-export PATH="$PWD/.venv/bin:$PATH"
+# vmimage.qemu.* resolves through the tree the tests use.
+# shellcheck source=scripts/checkout_collection.sh
+source scripts/checkout_collection.sh
 
 targets=(roles)
 for path in demo molecule; do

@@ -8,7 +8,6 @@
 # scenario creates a user and starts its own sshd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-repo="$(pwd)"
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "scripts/molecule.sh: run as root (the scenarios install packages, add a user, start sshd)" >&2
@@ -16,15 +15,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 bash scripts/bootstrap.sh
 
-# The same tree tests/conftest.py makes: <root>/ansible_collections/vmimage/qemu -> the checkout.
-collections="$repo/build/collections"
-link="$collections/ansible_collections/vmimage/qemu"
-mkdir -p "$(dirname "$link")"
-if [ ! -L "$link" ]; then
-  ln -s "$repo" "$link"
-fi
-export ANSIBLE_COLLECTIONS_PATH="$collections"
-export PATH="$repo/.venv/bin:$PATH"
+# The checkout is the collection vmimage.qemu (the tree the tests use).
+# shellcheck source=scripts/checkout_collection.sh
+source scripts/checkout_collection.sh
 # Scenarios live in molecule/ (not extensions/molecule/, where molecule looks
 # first inside a collection).
 export MOLECULE_GLOB="molecule/*/molecule.yml"

@@ -10,7 +10,7 @@
 # With arguments, only pytest runs, with those arguments
 # (e.g. `bash scripts/test.sh tests/unit -k qcow2`).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 bash scripts/bootstrap.sh || exit 1
 
 if [ "$#" -gt 0 ]; then

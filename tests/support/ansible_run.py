@@ -42,18 +42,19 @@ class PlaybookRun(object):
         return len(self.results)
 
 
-def run_playbook(tasks, tmp_path, check=False, diff=False, extra_vars=None, env=None, expect_failure=False):
-    """Run ``tasks`` (a list of task dicts) on localhost; return PlaybookRun
-    whose ``results`` are the per-task result dicts in order."""
-    play = [{
-        'hosts': 'localhost', 'connection': 'local', 'gather_facts': False,
-        'vars': dict({'ansible_python_interpreter': sys.executable}, **(extra_vars or {})),
-        'tasks': tasks,
-    }]
-    path = os.path.join(str(tmp_path), 'play-%d.yml' % os.getpid())
+def _ansible_playbook(plays, tmp_path, name, check, diff, extra_vars, env):
+    """Write ``plays`` to a playbook in tmp_path, run it on localhost with the
+    recording callback; return (process, parsed JSON record)."""
+    tmp_path = str(tmp_path)
+    path = os.path.join(tmp_path, '%s-%d.yml' % (name, os.getpid()))
     with open(path, 'w') as f:
-        yaml.safe_dump(play, f)
+        yaml.safe_dump(plays, f)
     cmd = [os.path.join(_BIN, 'ansible-playbook'), '-i', 'localhost,', path]
+    if extra_vars:
+        vars_path = os.path.join(tmp_path, '%s-%d-vars.json' % (name, os.getpid()))
+        with open(vars_path, 'w') as f:
+            json.dump(extra_vars, f)
+        cmd += ['-e', '@' + vars_path]
     if check:
         cmd.append('--check')
     if diff:
@@ -65,6 +66,18 @@ def run_playbook(tasks, tmp_path, check=False, diff=False, extra_vars=None, env=
     except ValueError:
         raise AssertionError('ansible-playbook printed no JSON (rc %d):\n%s\n%s'
                              % (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
+    return proc, doc
+
+
+def run_playbook(tasks, tmp_path, check=False, diff=False, extra_vars=None, env=None, expect_failure=False):
+    """Run ``tasks`` (a list of task dicts) on localhost; return PlaybookRun
+    whose ``results`` are the per-task result dicts in order."""
+    play = [{
+        'hosts': 'localhost', 'connection': 'local', 'gather_facts': False,
+        'vars': dict({'ansible_python_interpreter': sys.executable}, **(extra_vars or {})),
+        'tasks': tasks,
+    }]
+    proc, doc = _ansible_playbook(play, tmp_path, 'play', check, diff, None, env)
     results = [t['hosts']['localhost'] for t in doc['plays'][0]['tasks']]
     if proc.returncode != 0 and not expect_failure:
         raise AssertionError('ansible-playbook failed (rc %d): %s\n%s'
@@ -105,27 +118,7 @@ def run_plays(plays, tmp_path, check=False, diff=False, extra_vars=None, env=Non
 
     The recording callback has no hook for handlers: a handler's result
     replaces the entry of the task before it."""
-    tmp_path = str(tmp_path)
-    path = os.path.join(tmp_path, '%s-%d.yml' % (name, os.getpid()))
-    with open(path, 'w') as f:
-        yaml.safe_dump(plays, f)
-    cmd = [os.path.join(_BIN, 'ansible-playbook'), '-i', 'localhost,', path]
-    if extra_vars:
-        vars_path = os.path.join(tmp_path, '%s-%d-vars.json' % (name, os.getpid()))
-        with open(vars_path, 'w') as f:
-            json.dump(extra_vars, f)
-        cmd += ['-e', '@' + vars_path]
-    if check:
-        cmd.append('--check')
-    if diff:
-        cmd.append('--diff')
-    proc = subprocess.run(cmd, env=ansible_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, timeout=600, check=False)
-    try:
-        doc = json.loads(proc.stdout[proc.stdout.index('{'):])
-    except ValueError:
-        raise AssertionError('ansible-playbook printed no JSON (rc %d):\n%s\n%s'
-                             % (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
+    proc, doc = _ansible_playbook(plays, tmp_path, name, check, diff, extra_vars, env)
     names, results = [], []
     for play in doc['plays']:
         for task in play['tasks']:
