@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.errors import StoreError
+from ansible_collections.vmimage.qemu.plugins.module_utils.errors import StoreError, os_error
 
 
 def fsync_dir(path):
@@ -50,15 +50,19 @@ def write_json_atomic(path, data, mode=0o644):
 
 def read_json(path, max_size=4 * 1024 * 1024):
     """Read one of the library's own JSON files (never image content);
-    None when it does not exist."""
+    None when it does not exist.  Any other failure is an error (a
+    PermissionDeniedError for a file the user may not read), never None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
-        raise StoreError('cannot read %s: %s' % (path, exc.strerror))
-    with os.fdopen(fd, 'rb') as f:
-        data = f.read(max_size + 1)
+        raise os_error(exc, 'read', path, StoreError)
+    try:
+        with os.fdopen(fd, 'rb') as f:
+            data = f.read(max_size + 1)
+    except OSError as exc:
+        raise os_error(exc, 'read', path, StoreError)
     if len(data) > max_size:
         raise StoreError('%s is larger than %d bytes' % (path, max_size))
     try:

@@ -27,11 +27,13 @@ from urllib.parse import unquote, urlsplit
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.download import (
     open_download as _default_open_download,
+    read_all,
     redact_url,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     ChecksumMismatchError,
     DownloadError,
+    InvalidOptionError,
 )
 
 # Hex digits per algorithm.
@@ -57,8 +59,15 @@ _BSD_RE = re.compile(r'^(?P<algo>[A-Za-z0-9-]+) ?\((?P<name>.*)\) ?= ?(?P<hex>[0
 _GNU_RE = re.compile(r'^(?P<hex>[0-9a-fA-F]+)\s+\*?(?P<name>.+)$')
 
 
-class ChecksumSpecError(ValueError):
-    """A checksum specification that is not ``<algorithm>:<hex or URL>``."""
+# What every message about a malformed specification ends with.
+ACCEPTED_FORMS = ('the checksum option takes <algorithm>:<hex digest> or <algorithm>:<URL of a checksum file> '
+                  '(http://, https:// or file://), with <algorithm> one of %s (sha256 or sha512 recommended)'
+                  % ', '.join(sorted(DIGEST_LENGTHS)))
+
+
+class ChecksumSpecError(InvalidOptionError):
+    """A checksum specification that is not ``<algorithm>:<hex or URL>``
+    (an InvalidOptionError, hence also a ValueError)."""
 
 
 class ChecksumSpec(collections.namedtuple('ChecksumSpec', 'algorithm hexdigest url')):
@@ -82,28 +91,35 @@ def parse_checksum(spec):
     if isinstance(spec, ChecksumSpec):
         return spec
     if not isinstance(spec, str) or ':' not in spec:
-        raise ChecksumSpecError('checksum must be <algorithm>:<hex digest> or <algorithm>:<URL>, got %r'
-                                % (redact_url(spec),))
+        raise ChecksumSpecError('invalid checksum %s: no algorithm; %s' % (_shown(spec), ACCEPTED_FORMS))
     algorithm, dummy, value = spec.strip().partition(':')
     algorithm = algorithm.strip().lower()
     value = value.strip()
     if algorithm not in DIGEST_LENGTHS:
-        raise ChecksumSpecError('unsupported checksum algorithm %r: use one of %s (sha256 or sha512 '
-                                'recommended)' % (algorithm, ', '.join(sorted(DIGEST_LENGTHS))))
+        raise ChecksumSpecError('invalid checksum %s: unsupported checksum algorithm %r; %s'
+                                % (_shown(spec), algorithm, ACCEPTED_FORMS))
     if _URL_RE.match(value):
         return ChecksumSpec(algorithm, None, value)
-    _check_hex(algorithm, value, 'checksum %s:%s' % (algorithm, redact_url(value[:200])))
+    _check_hex(algorithm, value, 'invalid checksum %s' % (_shown(spec),))
     return ChecksumSpec(algorithm, value.lower(), None)
+
+
+def _shown(spec):
+    """The specification as messages quote it: without credentials, cut short."""
+    if not isinstance(spec, str):
+        return repr(spec)
+    text = redact_url(spec)
+    return repr(text if len(text) <= 200 else text[:200] + '...')
 
 
 def _check_hex(algorithm, value, what):
     expected = DIGEST_LENGTHS[algorithm]
     if not _HEX_RE.match(value):
-        raise ChecksumSpecError('%s: the digest must be %d hex digits or a URL (http://, https://, '
-                                'file://)' % (what, expected))
+        raise ChecksumSpecError('%s: the digest must be %d hex digits or a URL (http://, https://, file://); %s'
+                                % (what, expected, ACCEPTED_FORMS))
     if len(value) != expected:
-        raise ChecksumSpecError('%s: a %s digest has %d hex digits, not %d'
-                                % (what, algorithm, expected, len(value)))
+        raise ChecksumSpecError('%s: a %s digest has %d hex digits, not %d; %s'
+                                % (what, algorithm, expected, len(value), ACCEPTED_FORMS))
 
 
 def _target_name(target_url):
@@ -111,8 +127,8 @@ def _target_name(target_url):
     path = urlsplit(target_url).path if '://' in target_url else target_url
     name = posixpath.basename(unquote(path))
     if not name:
-        raise ChecksumSpecError('cannot look up a checksum for %s: its URL names no file'
-                                % redact_url(target_url))
+        raise ChecksumSpecError('checksum: cannot look up %s in a checksum file: its URL names no file; '
+                                'give the digest itself (<algorithm>:<hex digest>)' % redact_url(target_url))
     return name
 
 
@@ -189,7 +205,7 @@ def resolve_checksum(spec, target_url, open_download=None, **download_kw):
     download_kw.setdefault('hash_algorithms', ())
     download_kw['max_bytes'] = min(download_kw.get('max_bytes') or MAX_CHECKSUM_FILE, MAX_CHECKSUM_FILE)
     with open_download(spec.url, **download_kw) as stream:
-        data = stream.read()
+        data = read_all(stream)
     text = data.decode('utf-8', 'replace')
     return ChecksumSpec(spec.algorithm,
                         find_digest(text, spec.algorithm, name, 'checksum file %s' % redact_url(spec.url)),
@@ -210,7 +226,8 @@ def verify_digest(spec, actual_hex, url):
     """Raise ChecksumMismatchError unless ``actual_hex`` is the resolved ``spec``'s digest."""
     spec = parse_checksum(spec)
     if spec.hexdigest is None:
-        raise ChecksumSpecError('checksum %s is not resolved yet (call resolve_checksum)' % (spec,))
+        # A programming error, not an option value: no ChecksumSpecError.
+        raise ValueError('checksum %s is not resolved yet (call resolve_checksum)' % (spec,))
     if not digest_matches(spec.hexdigest, actual_hex):
         raise ChecksumMismatchError('checksum mismatch for %s: expected %s:%s, got %s:%s'
                                     % (redact_url(url), spec.algorithm, spec.hexdigest,

@@ -13,7 +13,9 @@ written to disk whole.  While the caller reads, the stream
   ``Retry-After`` honoured), which the original fetcher counted but never slept;
 * resumes a dropped transfer with ``Range``/``If-Range`` so only the missing
   tail is fetched again, or, when the server cannot resume, restarts from
-  byte 0 and tells the caller (``DownloadRestartRequired``);
+  byte 0 and tells the caller (``DownloadRestartRequired``, a control-flow
+  signal: callers start over at most ``MAX_RESTARTS`` times, then report
+  ``restarts_exhausted()``, a plain DownloadError);
 * refuses to deliver more than ``max_bytes`` (``DownloadTooLargeError``);
 * always closes its HTTP responses;
 * never shows credentials: ``source``, error messages and log lines carry the
@@ -23,7 +25,12 @@ written to disk whole.  While the caller reads, the stream
 accepted; local files get the same hashing and size bound.
 
 Only ``requests`` is needed on the target, and only for HTTP(S): importing this
-module without it works, and an HTTP download then fails with a clear message.
+module without it works, and an HTTP download then fails with a
+MissingLibraryError that names the library and its packages.
+
+Option values that cannot work (negative retries, a non-positive timeout, a
+Range header, a client key without its certificate) raise InvalidOptionError
+naming the option.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -45,7 +52,9 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     DownloadError,
+    InvalidOptionError,
     LimitExceededError,
+    missing_library,
 )
 
 try:
@@ -68,9 +77,15 @@ CHUNK_SIZE = 1024 * 1024
 
 RETRY_STATUSES = frozenset([408, 429])
 
+# How many times a reader starts over from byte 0 (DownloadRestartRequired)
+# before giving up: a server that cannot resume and keeps dropping the
+# connection would otherwise be downloaded from the start forever.
+MAX_RESTARTS = 3
+
 __all__ = [
     'CHUNK_SIZE', 'DownloadStream', 'DownloadRestartRequired', 'DownloadTooLargeError',
-    'HAS_REQUESTS', 'fetch_first', 'open_download', 'redact_url',
+    'HAS_REQUESTS', 'MAX_RESTARTS', 'fetch_first', 'open_download', 'read_all', 'redact_url',
+    'restarts_exhausted',
 ]
 
 
@@ -80,9 +95,13 @@ class DownloadRestartRequired(DownloadError):
     Raised by ``DownloadStream.read()``.  The stream has already reset its
     counters and hashes; the caller discards whatever it derived from the bytes
     read so far and calls ``read()`` again on the same stream.
-    """
 
-    kind = 'download_restart'
+    A signal between the stream and its reader, never a result: readers stop
+    after ``MAX_RESTARTS`` and raise ``restarts_exhausted()`` instead.  It has
+    no kind of its own, so should one escape it still reads as a download
+    failure.  ``url`` is the source (redacted), ``reason`` why it could not
+    resume.
+    """
 
 
 class DownloadTooLargeError(LimitExceededError, DownloadError):
@@ -177,6 +196,33 @@ def _int_header(value):
     except (TypeError, ValueError):
         return None
     return number if number >= 0 else None
+
+
+def restarts_exhausted(source, restarts, last=None):
+    """The DownloadError that ends a download restarted ``restarts`` times.
+
+    ``last`` is the final DownloadRestartRequired, whose reason is quoted.
+    """
+    reason = ('the server could not resume the interrupted transfer, and the download was restarted from '
+              'byte 0 %d times, the most allowed' % restarts)
+    detail = getattr(last, 'reason', None)
+    if detail:
+        reason += ' (last: %s)' % detail
+    return _download_error(source, reason, attempts=getattr(last, 'attempts', None))
+
+
+def read_all(stream, max_restarts=MAX_RESTARTS):
+    """The whole content of ``stream`` (a small file: it is held in memory),
+    starting over when the stream restarts, at most ``max_restarts`` times."""
+    restarts = 0
+    while True:
+        try:
+            return stream.read()
+        except DownloadRestartRequired as exc:
+            restarts += 1
+            if restarts > max_restarts:
+                stream.close()
+                raise restarts_exhausted(stream.source, max_restarts, exc)
 
 
 def _download_error(source, reason, status=None, attempts=None):
@@ -515,10 +561,14 @@ class _HttpStream(DownloadStream):
             self._check_declared_size()
             self._reset()
             self.restarts += 1
-            msg = ('%s: could not resume at byte %d: %s; the download restarts from byte 0'
-                   % (self.source, offset, why))
+            reason = 'could not resume at byte %d: %s' % (offset, why)
+            msg = '%s: %s; the download restarts from byte 0' % (self.source, reason)
             self._log(msg)
-            raise DownloadRestartRequired(msg)
+            restart = DownloadRestartRequired(msg)
+            restart.url = self.source
+            restart.reason = reason
+            restart.attempts = self.attempts
+            raise restart
 
     def _body_start(self, resp):
         """(first byte offset, total size or None, problem or None) of a 200/206."""
@@ -640,11 +690,15 @@ def open_download(url, headers=None, url_username=None, url_password=None, valid
     come from the environment as in requests (``*_proxy``, ``no_proxy``).
     """
     if not isinstance(url, str) or not url:
-        raise ValueError('url must be a non-empty string')
+        raise InvalidOptionError('url must be a non-empty string (http://, https://, file:// or an absolute path), '
+                                 'got %r' % (url,))
     if max_bytes is not None and max_bytes < 0:
         raise ValueError('max_bytes must not be negative')
     if retries < 0:
-        raise ValueError('retries must not be negative')
+        raise InvalidOptionError('retries must be 0 or more, got %d' % retries)
+    for value in (timeout if isinstance(timeout, (tuple, list)) else (timeout,)):
+        if value is not None and value <= 0:
+            raise InvalidOptionError('timeout must be a positive number of seconds, got %r' % (value,))
     stream_kw = dict(hash_algorithms=hash_algorithms, max_bytes=max_bytes, logger=logger)
     _new_hashes(hash_algorithms)  # reject an unknown algorithm before any I/O
 
@@ -661,13 +715,14 @@ def open_download(url, headers=None, url_username=None, url_password=None, valid
         raise _download_error(source, 'only http://, https://, file:// URLs and absolute paths '
                               'are supported')
     if not HAS_REQUESTS:
-        raise _download_error(source, "the Python library 'requests' is required on the target (%s)"
-                              % (REQUESTS_IMPORT_ERROR,))
+        raise missing_library('requests', 'python3-requests', 'requests', REQUESTS_IMPORT_ERROR,
+                              purpose='to download %s' % source)
 
     headers = dict(headers or {})
     for name in headers:
         if name.lower() in ('range', 'if-range'):
-            raise ValueError('header %s is managed by the download itself' % name)
+            raise InvalidOptionError('headers: %s is managed by the download itself (resume); leave it out'
+                                     % name)
     # The raw bytes are what Range offsets, Content-Length and the published
     # checksum refer to: ask servers not to compress them on the fly.
     headers.setdefault('Accept-Encoding', 'identity')
@@ -686,7 +741,8 @@ def open_download(url, headers=None, url_username=None, url_password=None, valid
     else:
         verify = False
     if client_key and not client_cert:
-        raise ValueError('client_key needs client_cert')
+        raise InvalidOptionError('client_key needs client_cert: give the certificate that goes with the key '
+                                 '(or a client_cert file holding both)')
     cert = (client_cert, client_key) if client_key else client_cert
     if not isinstance(timeout, (tuple, list)):
         timeout = (timeout, timeout)

@@ -28,6 +28,12 @@ instance and no reference, or a complete instance.
 
 Operations on one instance name are serialised by a per-name lock in
 ``<store>/locks/``; the lock order is name lock, then store lock.
+
+Operating-system errors (a full file system, a read-only store, a folder the
+user may not enter) come out as NoSpaceError / PermissionDeniedError /
+StoreError naming the instance and the path, after the work folder is gone.
+A refusal because a process holds the disk (ImageInUseError) carries those
+processes in ``holders``.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -41,7 +47,8 @@ import shutil
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_reader import DISK, LAYER
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
-    ImageInUseError, InvalidMachineError, NotFoundError, StoreError,
+    ImageInUseError, InvalidMachineError, NoSpaceError, NotFoundError, PermissionDeniedError, StoreError,
+    VmImageError, os_errors,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.locking import FileLock, try_lock
 from ansible_collections.vmimage.qemu.plugins.module_utils.machine import (
@@ -169,7 +176,9 @@ class InstanceManager(object):
         a process this user cannot inspect gives one entry with pid and
         command None, so a running VM is never taken for a stopped one.
         """
-        in_use, holders, _locks = usage_report(self.disk_path(name))
+        disk = self.disk_path(name)
+        with os_errors('check which processes use', disk, StoreError):
+            in_use, holders, _locks = usage_report(disk)
         if in_use and not holders:
             return [{'pid': None, 'command': None, 'fd': None, 'writable': None, 'locks': []}]
         return holders
@@ -363,6 +372,10 @@ class InstanceManager(object):
         disk a VM holds also needs ``force``.  Returns an InstanceChange.
         """
         check_instance_name(name)
+        with os_errors('create or update instance %s in store' % name, self.store.root, StoreError):
+            return self._ensure_present(name, image, mac, machine, recreate, force, check_mode)
+
+    def _ensure_present(self, name, image, mac, machine, recreate, force, check_mode):
         digest, image_record = self._image(image)
         if check_mode:
             current = self.get(name)
@@ -419,8 +432,12 @@ class InstanceManager(object):
         if owners and not force:
             visible = [o for o in owners if o.get('pid') is not None]
             who = describe_holders(visible) if visible else 'a process this user cannot inspect'
-            raise ImageInUseError('cannot %s instance %s: its disk %s is in use by %s; stop the VM or set force'
-                                  % (what, name, self.disk_path(name), who))
+            error = ImageInUseError('cannot %s instance %s: its disk %s is in use by %s; stop the VM or set force'
+                                    % (what, name, self.disk_path(name), who))
+            # As RV(owners) reports them: a lock held by a process this user
+            # cannot inspect is one entry whose pid and command are None.
+            error.holders = owners
+            raise error
         return owners
 
     def _create(self, name, desired, replace):
@@ -432,7 +449,11 @@ class InstanceManager(object):
             staged = os.path.join(work.path, name)
             os.mkdir(staged, 0o700)
             disk = os.path.join(staged, INSTANCE_DISK)
-            create_overlay(disk, layer, 'qcow2', fmt=INSTANCE_FORMAT, limits=self.store.limits)
+            try:
+                create_overlay(disk, layer, 'qcow2', fmt=INSTANCE_FORMAT, limits=self.store.limits)
+            except (NoSpaceError, PermissionDeniedError) as exc:
+                raise type(exc)('cannot create the disk of instance %s in %s: %s'
+                                % (name, self.store.instances_dir, exc))
             # Guest data: private to the VM's owner.
             os.chmod(disk, 0o600)
             _fsync_file(disk)
@@ -472,7 +493,7 @@ class InstanceManager(object):
             fsync_dir(self.store.instances_dir)
             try:
                 self.store.touch(record['digest'])
-            except (OSError, StoreError):
+            except (OSError, VmImageError):
                 pass  # last_used is bookkeeping; the instance is committed
         if old is not None:
             old.drop()
@@ -486,6 +507,10 @@ class InstanceManager(object):
         the disk, unless ``force``.  Returns an InstanceChange.
         """
         check_instance_name(name)
+        with os_errors('remove instance %s from store' % name, self.store.root, StoreError):
+            return self._remove(name, force, check_mode)
+
+    def _remove(self, name, force, check_mode):
         current = self.get(name)
         if current is None:
             if not check_mode:

@@ -11,7 +11,9 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
+import traceback
+
+from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError, os_error
 
 # Same value as store.DEFAULT_STORE (a test checks it), written out so that
 # option specs import nothing heavy.
@@ -56,11 +58,21 @@ def download_options(params):
 
 
 def error_result(exc):
-    """fail_json keywords for a library error: the message and its class."""
+    """fail_json keywords for any exception a module caught: ``msg`` and
+    ``error_kind``, plus ``holders`` for in-use errors that name processes.
+
+    Library errors carry their kind.  An operating-system error the library
+    did not translate still gets one (no_space, permission, ...) as a last
+    resort; anything else is a bug, reported as 'internal' with its class
+    and, for -vvv, its traceback (call this inside the except block).
+    """
+    if isinstance(exc, OSError) and not isinstance(exc, VmImageError) and exc.errno is not None:
+        exc = os_error(exc, 'complete the task')
     if isinstance(exc, VmImageError):
         result = dict(msg=str(exc), error_kind=exc.kind)
     else:
-        result = dict(msg='%s: %s' % (type(exc).__name__, exc), error_kind='internal')
+        result = dict(msg='%s: %s' % (type(exc).__name__, exc), error_kind='internal',
+                      exception=traceback.format_exc())
     # In-use errors name the processes holding a disk; playbooks may act on them.
     holders = getattr(exc, 'holders', None)
     if holders is not None:

@@ -51,7 +51,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import
     DISK, LAYER, MACHINE, write_image_archive,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
-    ImageInUseError, LimitExceededError, NotFoundError, VmImageError,
+    ImageInUseError, InvalidOptionError, LimitExceededError, NotFoundError, VmImageError, os_error,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.limits import DEFAULT_LIMITS, GIB
 from ansible_collections.vmimage.qemu.plugins.module_utils.machine import (
@@ -113,29 +113,37 @@ def _dir_mode():
 
 
 def _error(action, path, exc):
-    """A VmImageError saying what failed on which path, from an OSError."""
-    if exc.errno == errno.ENOSPC:
-        reason = 'no space left on device'
-    elif exc.errno == errno.EDQUOT:
-        reason = 'disk quota exceeded'
-    elif exc.errno == errno.EROFS:
-        reason = 'read-only file system'
-    elif exc.errno in (errno.EACCES, errno.EPERM):
-        reason = 'permission denied'
-    else:
-        reason = exc.strerror or str(exc)
-    return VmImageError('cannot %s %s: %s' % (action, path, reason))
+    """A VmImageError saying what failed on which path, from an OSError:
+    NoSpaceError, PermissionDeniedError, or a plain VmImageError."""
+    return os_error(exc, action, path)
 
 
 def check_level(level):
     try:
         level = int(level)
     except (TypeError, ValueError):
-        raise ValueError('compression_level must be an integer between %d and %d, got %r'
-                         % (MIN_LEVEL, MAX_LEVEL, level))
+        raise InvalidOptionError('compression_level must be an integer between %d and %d, got %r'
+                                 % (MIN_LEVEL, MAX_LEVEL, level))
     if not MIN_LEVEL <= level <= MAX_LEVEL:
-        raise ValueError('compression_level must be between %d and %d, got %d' % (MIN_LEVEL, MAX_LEVEL, level))
+        raise InvalidOptionError('compression_level must be between %d and %d, got %d'
+                                 % (MIN_LEVEL, MAX_LEVEL, level))
     return level
+
+
+def check_max_size_gib(max_size_gib):
+    if isinstance(max_size_gib, bool) or not isinstance(max_size_gib, int) or max_size_gib < 1:
+        raise InvalidOptionError('max_size_gib must be a whole number of GiB, at least 1, got %r' % (max_size_gib,))
+    return max_size_gib
+
+
+def check_package_options(state, dest=None, compression_level=DEFAULT_LEVEL, max_size_gib=DEFAULT_MAX_SIZE_GIB):
+    """The checks of vm_image_package's options that its argument spec
+    cannot express; InvalidOptionError naming the option."""
+    check_level(compression_level)
+    check_max_size_gib(max_size_gib)
+    if state == 'absent' and dest is not None:
+        raise InvalidOptionError('dest is only used with state=present: packing needs the image, which '
+                                 'state=absent removes')
 
 
 def blank_machine(machine=None):
@@ -154,9 +162,9 @@ def blank_machine(machine=None):
 
 def check_size_gib(size_gib, max_size_gib=DEFAULT_MAX_SIZE_GIB):
     if isinstance(size_gib, bool) or not isinstance(size_gib, int):
-        raise ValueError('size_gib must be a whole number of GiB, got %r' % (size_gib,))
+        raise InvalidOptionError('size_gib must be a whole number of GiB, got %r' % (size_gib,))
     if size_gib < 1:
-        raise ValueError('size_gib must be at least 1, got %d' % size_gib)
+        raise InvalidOptionError('size_gib must be at least 1, got %d' % size_gib)
     if size_gib > max_size_gib:
         raise LimitExceededError('size_gib %d is more than the limit of %d GiB (max_size_gib)'
                                  % (size_gib, max_size_gib))

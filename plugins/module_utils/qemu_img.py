@@ -38,7 +38,7 @@ import tempfile
 import uuid
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
-    LimitExceededError, QemuImgError, UnsafeImageError,
+    LimitExceededError, NoSpaceError, PermissionDeniedError, QemuImgError, UnsafeImageError,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.format_probe import check_raw_disk
 from ansible_collections.vmimage.qemu.plugins.module_utils.limits import DEFAULT_LIMITS
@@ -66,6 +66,12 @@ _FORBIDDEN_CREATE_OPTIONS = frozenset((
 _MEMORY_HINTS = re.compile(
     r'cannot allocate memory|out of memory|failed to allocate|qemu_thread_create|'
     r'failed to map segment|resource temporarily unavailable', re.IGNORECASE)
+# strerror texts (LC_ALL=C) in qemu-img's messages that say the file system,
+# not the image, is the problem: reported with the kind an operator acts on.
+_OS_FAILURES = (
+    (re.compile(r'No space left on device|Disk quota exceeded'), NoSpaceError),
+    (re.compile(r'Permission denied|Read-only file system|Operation not permitted'), PermissionDeniedError),
+)
 _MEMORY_SIGNALS = frozenset(getattr(signal, n) for n in ('SIGABRT', 'SIGSEGV', 'SIGBUS', 'SIGTRAP')
                             if hasattr(signal, n))
 
@@ -221,7 +227,13 @@ def run_qemu_img(args, limits=DEFAULT_LIMITS, timeout=None, check=True, qemu_img
         stdout = out.read().decode('utf-8', 'replace')
 
     if returncode < 0 or (check and returncode != 0):
-        raise QemuImgError(_failure_message(argv, returncode, stderr, limits))
+        error_class = QemuImgError
+        if returncode > 0:
+            for pattern, cls in _OS_FAILURES:
+                if pattern.search(stderr):
+                    error_class = cls
+                    break
+        raise error_class(_failure_message(argv, returncode, stderr, limits))
     return QemuImgResult(argv, returncode, stdout, stderr)
 
 

@@ -17,6 +17,11 @@ A fetch downloads, hashes, decompresses and extracts in one pass into
 staging, verifies the digest, validates, then renames the folder into
 ``images/`` under the store lock (the containerd move).  A killed fetch leaves
 a staging folder whose lock died with it; the next fetch removes it.
+
+Operating-system errors (a full file system, a read-only store, a folder the
+user may not enter) come out as NoSpaceError / PermissionDeniedError /
+StoreError naming the action and the path; a failed fetch leaves the store as
+it was (its staging folder removed, no image or alias half-made).
 """
 
 from __future__ import absolute_import, division, print_function
@@ -38,7 +43,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.atomic_files import (
     fsync_dir, read_json, write_json_atomic,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
-    ImageInUseError, NotFoundError, StoreError,
+    ImageInUseError, NotFoundError, StoreError, os_error, os_errors,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.image_validator import (
     VALIDATOR_VERSION, validate_image_folder,
@@ -51,6 +56,9 @@ DEFAULT_STORE = '/var/lib/vm-images'
 STORE_FORMAT = 1
 RECORD = 'image.json'
 INSTANCE_RECORD = 'instance.json'
+# How often a fetch starts over when the server cannot resume (the same
+# number as download.MAX_RESTARTS, which is not imported here so that the
+# store's other users do not load the HTTP stack).
 MAX_RESTARTS = 3
 MAX_ALIAS_LENGTH = 1024
 _HEX64 = re.compile(r'^[0-9a-f]{64}$')
@@ -82,6 +90,18 @@ def check_alias(alias):
     if alias.startswith('sha256:'):
         raise StoreError("image_id may not start with 'sha256:' (that names a digest)")
     return alias
+
+
+def _listdir(path, what):
+    """Sorted names in folder ``path``; [] when it does not exist.  Any
+    other failure (a folder the user may not read) is an error naming ``what``
+    was being listed, never an empty answer."""
+    try:
+        return sorted(os.listdir(path))
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return []
+        raise os_error(exc, 'list the %s in' % what, path, StoreError)
 
 
 def _make_tree_writable(path):
@@ -139,8 +159,11 @@ class ImageStore(object):
                 os.chmod(self.root, mode)
             except OSError as exc:
                 if exc.errno != errno.EEXIST:
-                    raise StoreError('cannot create store %s: %s' % (self.root, exc.strerror))
-        st = os.lstat(self.root)
+                    raise os_error(exc, 'create store', self.root, StoreError)
+        try:
+            st = os.lstat(self.root)
+        except OSError as exc:
+            raise os_error(exc, 'open store', self.root, StoreError)
         if not stat.S_ISDIR(st.st_mode):
             raise StoreError('store path %s is not a directory' % self.root)
         for sub in (self.images_dir, self.aliases_dir, self.staging_dir, self.locks_dir, self.instances_dir):
@@ -148,7 +171,7 @@ class ImageStore(object):
                 os.mkdir(sub, 0o755 if sub in (self.images_dir, self.instances_dir) else 0o700)
             except OSError as exc:
                 if exc.errno != errno.EEXIST:
-                    raise StoreError('cannot create %s: %s' % (sub, exc.strerror))
+                    raise os_error(exc, 'create', sub, StoreError)
         self.exists = True
 
     def lock(self, exclusive=True):
@@ -164,10 +187,9 @@ class ImageStore(object):
         return os.path.join(self.images_dir, hexdigest)
 
     def get_record(self, digest):
-        path = self.image_path(digest)
-        if not os.path.isdir(path):
-            return None
-        return read_json(os.path.join(path, RECORD))
+        # read_json answers None for a missing image, and fails (rather than
+        # answering None) when the image cannot be read.
+        return read_json(os.path.join(self.image_path(digest), RECORD))
 
     def get_alias(self, alias):
         return read_json(os.path.join(self.aliases_dir, key_name(alias) + '.json'))
@@ -176,15 +198,20 @@ class ImageStore(object):
         """An alias or 'sha256:<hex>' -> digest of a committed image; NotFoundError otherwise."""
         if parse_digest(ref):
             if self.get_record(ref) is None:
-                raise NotFoundError('no image %s in store %s' % (ref, self.root))
+                raise self._not_found(ref)
             return ref
         entry = self.get_alias(ref)
         if entry is None:
-            raise NotFoundError('no image with image_id %r in store %s' % (ref, self.root))
+            raise self._not_found('with image_id %r' % (ref,))
         if self.get_record(entry['digest']) is None:
             raise StoreError('image_id %r points at %s, which is missing from the store'
                              % (ref, entry['digest']))
         return entry['digest']
+
+    def _not_found(self, what):
+        if not os.path.isdir(self.root):
+            return NotFoundError('no image %s: store %s does not exist' % (what, self.root))
+        return NotFoundError('no image %s in store %s' % (what, self.root))
 
     def find_by_digest(self, algorithm, hexdigest):
         """Find a committed image by any digest recorded for it."""
@@ -197,9 +224,7 @@ class ImageStore(object):
         return None
 
     def iter_records(self):
-        if not os.path.isdir(self.images_dir):
-            return
-        for name in sorted(os.listdir(self.images_dir)):
+        for name in _listdir(self.images_dir, 'images'):
             if not _HEX64.match(name):
                 continue
             record = read_json(os.path.join(self.images_dir, name, RECORD))
@@ -209,9 +234,7 @@ class ImageStore(object):
     def aliases(self):
         """alias -> entry for every alias."""
         result = {}
-        if not os.path.isdir(self.aliases_dir):
-            return result
-        for name in sorted(os.listdir(self.aliases_dir)):
+        for name in _listdir(self.aliases_dir, 'image names (aliases)'):
             if name.endswith('.json') and _HEX64.match(name[:-5]):
                 entry = read_json(os.path.join(self.aliases_dir, name))
                 if entry is not None:
@@ -219,10 +242,8 @@ class ImageStore(object):
         return result
 
     def instance_records(self):
-        if not os.path.isdir(self.instances_dir):
-            return []
         records = []
-        for name in sorted(os.listdir(self.instances_dir)):
+        for name in _listdir(self.instances_dir, 'instances'):
             if name.startswith('.'):
                 continue  # .new-*/.old-*: staging of instance creation and removal
             record = read_json(os.path.join(self.instances_dir, name, INSTANCE_RECORD))
@@ -265,9 +286,7 @@ class ImageStore(object):
     def cleanup_staging(self):
         """Remove staging debris whose owner died (its flock is gone)."""
         removed = []
-        if not os.path.isdir(self.staging_dir):
-            return removed
-        names = set(os.listdir(self.staging_dir))
+        names = set(_listdir(self.staging_dir, 'staging folders'))
         for name in sorted(names):
             path = os.path.join(self.staging_dir, name)
             if name.endswith('.lock'):
@@ -298,13 +317,20 @@ class ImageStore(object):
         token = '%d-%s' % (os.getpid(), os.urandom(6).hex())
         lock = FileLock(os.path.join(self.staging_dir, token + '.lock'), timeout=0).acquire()
         folder = os.path.join(self.staging_dir, token)
-        os.mkdir(folder, 0o700)
+        try:
+            os.mkdir(folder, 0o700)
+        except BaseException:
+            self._drop_staging(folder, lock)
+            raise
         return folder, lock
 
     def _drop_staging(self, folder, lock):
         try:
             if os.path.isdir(folder):
-                _make_tree_writable(folder)
+                try:
+                    _make_tree_writable(folder)
+                except OSError:
+                    pass  # never hide the error that brought us here
                 shutil.rmtree(folder, ignore_errors=True)
             try:
                 os.unlink(lock.path)
@@ -364,7 +390,12 @@ class ImageStore(object):
         source = redact_url(url)
         alias = check_alias(alias or 'url:' + source)
         spec = parse_checksum(checksum) if checksum else None
-        checksum_text = checksum or None
+        with os_errors('fetch %s into store' % source, self.root, StoreError):
+            return self._fetch(url, source, alias, spec, checksum or None, mirrors, force, check_mode, retries,
+                               timeout, download_options, sleep)
+
+    def _fetch(self, url, source, alias, spec, checksum_text, mirrors, force, check_mode, retries, timeout,
+               download_options, sleep):
         previous = self.get_alias(alias)
         previous_digest = previous['digest'] if previous else None
 
@@ -403,7 +434,7 @@ class ImageStore(object):
                              retries, timeout, download_options, sleep):
         from ansible_collections.vmimage.qemu.plugins.module_utils.checksum import resolve_checksum, verify_digest
         from ansible_collections.vmimage.qemu.plugins.module_utils.download import (
-            DownloadRestartRequired, fetch_first,
+            DownloadRestartRequired, fetch_first, restarts_exhausted,
         )
         kw = dict(download_options)
         kw.update(retries=retries, timeout=timeout)
@@ -426,16 +457,18 @@ class ImageStore(object):
                 while True:
                     os.mkdir(folder, 0o700)
                     try:
-                        extract_image_archive(stream, folder, limits=self.limits, fsync=True)
+                        with os_errors('extract %s into' % stream.source, folder, StoreError):
+                            extract_image_archive(stream, folder, limits=self.limits, fsync=True)
+                        # The tar ended; anything left must still be hashed
+                        # (and be empty), and may be cut off as well.
+                        while stream.read(1024 * 1024):
+                            pass
                         break
-                    except DownloadRestartRequired:
+                    except DownloadRestartRequired as exc:
                         restarts += 1
                         shutil.rmtree(folder)
                         if restarts > MAX_RESTARTS:
-                            raise
-                # The tar ended; anything left must still be hashed (and be empty).
-                while stream.read(1024 * 1024):
-                    pass
+                            raise restarts_exhausted(stream.source, MAX_RESTARTS, exc)
                 digests = dict((algo, stream.hexdigest(algo)) for algo in algorithms)
                 used_source = stream.source
                 attempts, resumed = stream.attempts, stream.resumed
@@ -472,7 +505,15 @@ class ImageStore(object):
                     os.rename(folder, target)
                     fsync_dir(self.images_dir)
                     committed = True
-                alias_changed = self._set_alias(alias, digest, source, checksum_text)
+                try:
+                    alias_changed = self._set_alias(alias, digest, source, checksum_text)
+                except BaseException:
+                    if committed:
+                        # Without its alias the new image is debris: nothing
+                        # can refer to it yet (the store lock is held), so it
+                        # goes, and the store is as it was.
+                        self._remove_image_locked(digest)
+                    raise
                 if not committed:
                     self.touch(digest)
             record = self.get_record(digest)
@@ -491,6 +532,10 @@ class ImageStore(object):
         when the image would go while instances or child images need it.
         """
         check_alias(alias)
+        with os_errors('remove image_id %r from store' % (alias,), self.root, StoreError):
+            return self._remove_alias(alias, check_mode)
+
+    def _remove_alias(self, alias, check_mode):
         with self.lock(exclusive=not check_mode):
             entry = self.get_alias(alias)
             if entry is None:

@@ -11,7 +11,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
+from ansible_collections.vmimage.qemu.plugins.module_utils.errors import missing_library
 
 try:
     import zstandard as _zstandard
@@ -21,14 +21,7 @@ except ImportError as _exc:  # pragma: no cover - exercised on hosts without the
     ZSTD_IMPORT_ERROR = _exc
 
 
-class MissingLibraryError(VmImageError):
-    kind = 'missing_library'
-
-
 def zstd_module():
     if _zstandard is None:
-        raise MissingLibraryError(
-            "the Python library 'zstandard' is required on the target host "
-            "(Debian/Ubuntu: apt install python3-zstandard, or pip install zstandard): %s"
-            % ZSTD_IMPORT_ERROR)
+        raise missing_library('zstandard', 'python3-zstandard', 'zstandard', ZSTD_IMPORT_ERROR)
     return _zstandard

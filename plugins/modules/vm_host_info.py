@@ -139,11 +139,19 @@ python:
       description: Version of C(requests), V(null) when it does not import.
       type: str
       sample: 2.28.1
+error_kind:
+  description:
+    - On failure, the class of the failure. The probe reports what it finds as facts, so the only failure is
+      V(internal), a bug.
+  returned: on failure
+  type: str
+  sample: internal
 '''
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.host_probe import KVM_DEVICE, probe_host
+from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import error_result
 
 
 def main():
@@ -151,7 +159,11 @@ def main():
         argument_spec=dict(kvm_device=dict(type='path', default=KVM_DEVICE)),
         supports_check_mode=True,
     )
-    module.exit_json(changed=False, **probe_host(module.params['kvm_device']))
+    try:
+        facts = probe_host(module.params['kvm_device'])
+    except Exception as exc:  # the probe reports problems as facts; anything else is a bug
+        module.fail_json(**error_result(exc))
+    module.exit_json(changed=False, **facts)
 
 
 if __name__ == '__main__':

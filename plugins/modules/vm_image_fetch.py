@@ -174,6 +174,16 @@ removed_digest:
   description: Digest of the image removed from the store with its last name.
   returned: when state=absent and the image was removed
   type: str
+error_kind:
+  description:
+    - On failure, the class of the failure, for playbooks to branch on without parsing C(msg); the collection's
+      guide (C(docs/guide.md), section Troubleshooting) describes every kind with example messages.
+    - Typical values for this module are V(download), V(checksum_mismatch), V(invalid_archive), V(unsafe_image),
+      V(limit_exceeded), V(invalid_machine), V(qemu_img), V(in_use), V(store), V(invalid_option),
+      V(missing_library), V(no_space) and V(permission). V(internal) is a bug.
+  returned: on failure
+  type: str
+  sample: download
 '''
 
 import time
@@ -182,7 +192,6 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.six.moves.urllib.parse import unquote, urlsplit
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.download import redact_url
-from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
 from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import (
     HTTP_ARGUMENT_SPEC, STORE_ARGUMENT_SPEC, argument_spec, download_options, error_result, image_result,
 )
@@ -261,7 +270,7 @@ def main():
                                    fetched.digest or '(new image from %s)' % fetched.source)
         result['elapsed'] = round(time.monotonic() - started, 3)
         module.exit_json(**result)
-    except (VmImageError, ValueError) as exc:
+    except Exception as exc:  # every failure gets an error_kind (error_result)
         module.fail_json(image_id=image_id, elapsed=round(time.monotonic() - started, 3), **error_result(exc))
 
 

@@ -167,11 +167,18 @@ usage:
     instances:
       description: Number of instances.
       type: int
+error_kind:
+  description:
+    - On failure, the class of the failure, for playbooks to branch on without parsing C(msg); the collection's
+      guide (C(docs/guide.md), section Troubleshooting) describes every kind with example messages.
+    - Typical values for this module are V(not_found), V(store) and V(permission). V(internal) is a bug.
+  returned: on failure
+  type: str
+  sample: not_found
 '''
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
 from ansible_collections.vmimage.qemu.plugins.module_utils.instance import InstanceManager
 from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import (
     STORE_ARGUMENT_SPEC, argument_spec, error_result,
@@ -199,20 +206,19 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
+    store = ImageStore(p['store'], create=False)
+    result = dict(changed=False, store=store.root, exists=store.exists, images=[], instances=[],
+                  usage=dict(images=0, aliases=0, apparent_size=0, allocated_size=0, virtual_size=0,
+                             instances=0))
     try:
-        store = ImageStore(p['store'], create=False)
-        result = dict(changed=False, store=store.root, exists=store.exists, images=[], instances=[],
-                      usage=dict(images=0, aliases=0, apparent_size=0, allocated_size=0, virtual_size=0,
-                                 instances=0))
-        if not store.exists:
-            if p['image']:
-                module.fail_json(msg='no image %r: store %s does not exist' % (p['image'], store.root), **result)
-            module.exit_json(**result)
-        aliases = store.aliases()
         if p['image']:
+            # NotFoundError, also when there is no store at all.
             records = [store.get_record(store.resolve(p['image']))]
+        elif not store.exists:
+            module.exit_json(**result)
         else:
             records = list(store.iter_records())
+        aliases = store.aliases()
         for record in records:
             info = store.describe(record, aliases)
             result['images'].append(dict((k, info.get(k)) for k in _REPORTED))
@@ -220,8 +226,8 @@ def main():
         result['usage'] = store.usage()
         result['usage']['instances'] = len(store.instance_records())
         module.exit_json(**result)
-    except VmImageError as exc:
-        module.fail_json(**error_result(exc))
+    except Exception as exc:  # every failure gets an error_kind (error_result)
+        module.fail_json(store=store.root, exists=store.exists, **error_result(exc))
 
 
 if __name__ == '__main__':

@@ -208,13 +208,30 @@ owners:
   elements: dict
   sample: [{"pid": 4242, "command": "qemu-system-x86_64", "fd": 14, "writable": true,
             "locks": ["1: OFDLCK ADVISORY  READ -1 fe:00:2204005 100 101"]}]
+error_kind:
+  description:
+    - On failure, the class of the failure, for playbooks to branch on without parsing C(msg); the collection's
+      guide (C(docs/guide.md), section Troubleshooting) describes every kind with example messages.
+    - Typical values for this module are V(not_found), V(in_use), V(invalid_machine), V(store), V(qemu_img),
+      V(no_space) and V(permission). V(internal) is a bug.
+  returned: on failure
+  type: str
+  sample: in_use
+holders:
+  description:
+    - When removing or replacing the instance was refused because processes hold its disk (RV(error_kind=in_use)),
+      those processes, in the form of RV(owners), as M(vmimage.qemu.vm_image_package) returns them.
+  returned: on failure because the instance's disk is in use
+  type: list
+  elements: dict
+  sample: [{"pid": 4242, "command": "qemu-system-x86_64", "fd": 14, "writable": true,
+            "locks": ["1: OFDLCK ADVISORY  READ -1 fe:00:2204005 100 101"]}]
 '''
 
 import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
 from ansible_collections.vmimage.qemu.plugins.module_utils.instance import (
     INSTANCE_FORMAT, InstanceManager, check_instance_name,
 )
@@ -291,7 +308,7 @@ def main():
             result['diff'] = dict(before=_diff_side(change.before), after=_diff_side(change.after))
         result['elapsed'] = round(time.monotonic() - started, 3)
         module.exit_json(**result)
-    except (VmImageError, ValueError) as exc:
+    except Exception as exc:  # every failure gets an error_kind (error_result)
         module.fail_json(name=name, elapsed=round(time.monotonic() - started, 3), **error_result(exc))
 
 

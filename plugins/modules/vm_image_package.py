@@ -236,6 +236,16 @@ elapsed:
   description: Seconds the module spent.
   returned: always
   type: float
+error_kind:
+  description:
+    - On failure, the class of the failure, for playbooks to branch on without parsing C(msg); the collection's
+      guide (C(docs/guide.md), section Troubleshooting) describes every kind with example messages.
+    - Typical values for this module are V(not_found), V(in_use), V(invalid_option), V(invalid_archive),
+      V(unsafe_image), V(limit_exceeded), V(invalid_machine), V(qemu_img), V(error), V(no_space) and
+      V(permission). V(internal) is a bug.
+  returned: on failure
+  type: str
+  sample: in_use
 '''
 
 import os
@@ -243,11 +253,10 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError
 from ansible_collections.vmimage.qemu.plugins.module_utils.limits import DEFAULT_LIMITS, GIB
 from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import error_result
 from ansible_collections.vmimage.qemu.plugins.module_utils.mutable_image import (
-    DEFAULT_LEVEL, DEFAULT_MAX_SIZE_GIB, FORMAT, MAX_LEVEL, MIN_LEVEL, MutableImage, blank_machine,
+    DEFAULT_LEVEL, DEFAULT_MAX_SIZE_GIB, FORMAT, MutableImage, blank_machine, check_package_options,
     check_size_gib,
 )
 
@@ -376,17 +385,12 @@ def main():
     started = time.monotonic()
     image = MutableImage(p['path'])
     try:
-        if not MIN_LEVEL <= p['compression_level'] <= MAX_LEVEL:
-            module.fail_json(msg='compression_level must be between %d and %d, got %d'
-                                 % (MIN_LEVEL, MAX_LEVEL, p['compression_level']), path=image.path)
-        if p['max_size_gib'] < 1:
-            module.fail_json(msg='max_size_gib must be at least 1', path=image.path)
+        check_package_options(p['state'], dest=p['dest'], compression_level=p['compression_level'],
+                              max_size_gib=p['max_size_gib'])
         if p['state'] == 'absent':
-            if p['dest'] is not None:
-                module.fail_json(msg='dest is only used with state=present', path=image.path)
             _absent(module, image, started)
         _present(module, image, started)
-    except (VmImageError, ValueError) as exc:
+    except Exception as exc:  # every failure gets an error_kind (error_result)
         module.fail_json(path=image.path, elapsed=round(time.monotonic() - started, 3), **error_result(exc))
 
 

@@ -240,8 +240,6 @@ def test_absent_removal_and_report(converged, served, tmp_path):
 def test_check_mode_on_a_fresh_store(converged, served, tmp_path):
     store = str(tmp_path / 'fresh' / 'store')
     group = 'vmimage-check%d' % (os.getpid() % 100000)
-    # image_cache first only because the recording callback files the udev
-    # handler's result under the play's last task, which would hide the summary.
     run = run_plays([play(roles=[
         # The store group does not exist (in a real run the hypervisor role would make it).
         role('image_cache', image_cache_store=store, image_cache_group=group,

@@ -155,6 +155,8 @@ def test_running_vm_owns_its_disk_until_forced(tmp_path, served):
         assert owner[0]['locks'], 'QEMU holds its image lock on the disk'
         assert refused['failed'] is True and refused['error_kind'] == 'in_use'
         assert 'pid %d (qemu-system-x86_64' % proc.pid in refused['msg'] and 'set force' in refused['msg']
+        # The holders come back as data too, as vm_image_package returns them.
+        assert refused['holders'] == owner
         assert present['changed'] is False and present['owners'] == owner
         assert forced['changed'] is True and forced['owners'] == owner
         assert forced['diff']['before']['name'] == 'vm' and forced['diff']['after'] == {}

@@ -184,13 +184,20 @@ def test_option_errors(tmp_path):
         dict(_package(path=path, size_gib=1, dest=str(tmp_path / 'a.tar.zst'), compression_level=20),
              ignore_errors=True),
         dict(_package(path=path, size_gib=1, from_archive='/nonexistent'), ignore_errors=True),
+        dict(_package(path=path, size_gib=1, max_size_gib=0), ignore_errors=True),
+        dict(_package(path=path, state='absent', dest=str(tmp_path / 'a.tar.zst')), ignore_errors=True),
     ], tmp_path, expect_failure=True)
-    missing, too_big, bad_machine, bad_level, exclusive = run
+    missing, too_big, bad_machine, bad_level, exclusive, bad_max, absent_dest = run
     assert missing['failed'] and 'size_gib' in missing['msg'] and missing['error_kind'] == 'not_found'
     assert too_big['failed'] and too_big['error_kind'] == 'limit_exceeded' and '80 GiB' in too_big['msg']
     assert bad_machine['failed'] and bad_machine['error_kind'] == 'invalid_machine' and 'network' in bad_machine['msg']
-    assert bad_level['failed'] and 'compression_level' in bad_level['msg']
+    assert bad_level['failed'] and bad_level['error_kind'] == 'invalid_option'
+    assert bad_level['msg'] == 'compression_level must be between 1 and 19, got 20'
     assert exclusive['failed'] and 'mutually exclusive' in exclusive['msg']
+    assert bad_max['failed'] and bad_max['error_kind'] == 'invalid_option'
+    assert bad_max['msg'] == 'max_size_gib must be a whole number of GiB, at least 1, got 0'
+    assert absent_dest['failed'] and absent_dest['error_kind'] == 'invalid_option'
+    assert absent_dest['msg'].startswith('dest is only used with state=present')
     assert os.listdir(str(tmp_path)).count('img') == 0
 
 

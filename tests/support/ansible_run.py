@@ -114,10 +114,8 @@ def run_plays(plays, tmp_path, check=False, diff=False, extra_vars=None, env=Non
     """Run whole plays (roles, pre_tasks, gather_facts: anything a playbook
     holds) against localhost through ansible-playbook; ``extra_vars`` go in
     with ``-e @file`` (highest precedence).  Returns PlaysRun.  Plays set
-    their own ``ansible_python_interpreter``.
-
-    The recording callback has no hook for handlers: a handler's result
-    replaces the entry of the task before it."""
+    their own ``ansible_python_interpreter``.  Handlers that ran appear as
+    tasks of their own."""
     proc, doc = _ansible_playbook(plays, tmp_path, name, check, diff, extra_vars, env)
     names, results = [], []
     for play in doc['plays']:

@@ -34,6 +34,11 @@ class CallbackModule(CallbackBase):
         self._plays[-1]['tasks'].append({'task': {'name': task.get_name()}, 'hosts': {}})
         self._task_started = time.monotonic()
 
+    def v2_playbook_on_handler_task_start(self, task):
+        # A handler is a task of its own: without this its result would be
+        # filed under (and replace) the entry of the task that ran before it.
+        self.v2_playbook_on_task_start(task, False)
+
     def _record(self, result, **extra):
         data = dict(result._result)
         data.update(extra)

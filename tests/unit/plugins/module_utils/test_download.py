@@ -25,6 +25,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils import download as dl
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     DownloadError,
     LimitExceededError,
+    MissingLibraryError,
 )
 from support.http_server import LocalHTTPServer
 
@@ -576,8 +577,12 @@ def test_argument_errors(http_server, sleeps):
 def test_missing_requests_is_reported_only_for_http(monkeypatch, tmp_path):
     monkeypatch.setattr(dl, 'HAS_REQUESTS', False)
     monkeypatch.setattr(dl, 'REQUESTS_IMPORT_ERROR', ImportError('No module named requests'))
-    with pytest.raises(DownloadError, match="the Python library 'requests' is required on the target"):
-        dl.open_download('https://example.invalid/img')
+    with pytest.raises(MissingLibraryError) as info:
+        dl.open_download('https://u:pw@example.invalid/img')
+    assert info.value.kind == 'missing_library'
+    assert str(info.value) == (
+        "the Python library 'requests' is required on the target host to download https://example.invalid/img "
+        "(Debian/Ubuntu: apt install python3-requests, or pip install requests): No module named requests")
     path = tmp_path / 'f'
     path.write_bytes(b'abc')
     with dl.open_download(str(path)) as stream:
@@ -591,11 +596,12 @@ def test_module_imports_without_requests():
             'assert not download.HAS_REQUESTS\n'
             'try:\n'
             '    download.open_download("http://127.0.0.1:9/x")\n'
-            'except download.DownloadError as e:\n'
-            '    print(e)\n' % root)
+            'except Exception as e:\n'
+            '    print(e.kind, e)\n' % root)
     out = subprocess.run([sys.executable, '-c', code], check=True, stdout=subprocess.PIPE,
                          universal_newlines=True).stdout
-    assert "the Python library 'requests' is required on the target" in out
+    assert out.startswith("missing_library the Python library 'requests' is required on the target host")
+    assert 'apt install python3-requests' in out and 'pip install requests' in out
 
 
 # -- the test server itself ------------------------------------------------

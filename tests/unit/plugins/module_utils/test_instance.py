@@ -426,8 +426,11 @@ def test_failed_replace_keeps_the_old_instance(store, manager, served, monkeypat
             raise OSError(errno.EIO, 'simulated I/O error')
         return real_rename(src, dst)
     monkeypatch.setattr(os, 'rename', failing_commit)
-    with pytest.raises(OSError, match='simulated'):
+    with pytest.raises(StoreError) as info:
         manager.ensure_present('a', 'boot2', recreate=True)
+    # An errno the library has no kind for: the store's kind, with the action and the error.
+    assert info.value.kind == 'store' and 'cannot create or update instance a in store' in str(info.value)
+    assert 'simulated I/O error' in str(info.value)
     monkeypatch.undo()
     assert manager.get('a') == first and os.path.isfile(manager.disk_path('a'))
     assert store.users(first['digest']) == ['instance a'] and store.users(served['boot2'][1]) == []
@@ -459,10 +462,12 @@ def test_running_qemu_blocks_removal_and_is_reported_as_owner(store, manager):
         assert is_in_use(manager.disk_path('vm'))
         assert manager.owners_of_all(['vm', 'idle']) == {'vm': owners, 'idle': []}
 
-        with pytest.raises(ImageInUseError, match='pid %d \\(qemu-system-x86_64' % proc.pid):
+        with pytest.raises(ImageInUseError, match='pid %d \\(qemu-system-x86_64' % proc.pid) as info:
             manager.remove('vm')
-        with pytest.raises(ImageInUseError):
+        assert info.value.holders == owners
+        with pytest.raises(ImageInUseError) as info:
             manager.remove('vm', check_mode=True)
+        assert info.value.holders == owners
         assert manager.get('vm') is not None
         assert manager.ensure_present('vm', 'boot').owners == owners
         with pytest.raises(ImageInUseError, match='instance vm'):

@@ -587,8 +587,9 @@ def test_disk_full_leaves_nothing(tmp_path):
     img = MutableImage.create_blank(str(tmp_path / 'img'), 1)
     write_chunks(img.disk, [(i * 64 * MIB, os.urandom(MIB)) for i in range(4)])
     with mounted_tmpfs(str(tmp_path / 'small'), 'size=1m,mode=0755') as small:
-        with pytest.raises(VmImageError, match='no space left on device'):
+        with pytest.raises(VmImageError, match='no space left on device') as info:
             img.package(os.path.join(small, 'img.tar.zst'))
+        assert info.value.kind == 'no_space'
         assert listing(small) == []
     assert listing(img.path) == ['disk.img', 'machine.json']
 
@@ -596,8 +597,9 @@ def test_disk_full_leaves_nothing(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('mount'), reason='mounting a tmpfs needs root')
 def test_read_only_destination_fails_clearly(image, tmp_path):
     with mounted_tmpfs(str(tmp_path / 'ro'), 'ro,size=1m') as ro:
-        with pytest.raises(VmImageError, match='cannot write an archive in .*: read-only file system'):
+        with pytest.raises(VmImageError, match='cannot write an archive in .*: read-only file system') as info:
             image.package(os.path.join(ro, 'img.tar.zst'))
+        assert info.value.kind == 'permission'
     assert listing(image.path) == ['disk.img', 'machine.json']
 
 
