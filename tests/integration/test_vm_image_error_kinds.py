@@ -10,7 +10,6 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import contextlib
 import io
 import os
 import shutil
@@ -21,6 +20,7 @@ import pytest
 from support.ansible_run import run_playbook, run_plays
 from support.http_server import LocalHTTPServer
 from support.image_factory import make_image_folder, pattern
+from support.mounts import mounted_tmpfs
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
 from ansible_collections.vmimage.qemu.plugins.module_utils.instance import InstanceManager
@@ -59,19 +59,6 @@ def _failed(result, kind):
     assert result.get('error_kind') == kind, result
     assert not result['msg'].startswith('Module failed'), result['msg']
     return result['msg']
-
-
-@contextlib.contextmanager
-def tmpfs(path, options):
-    os.makedirs(path)
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
-    if proc.returncode != 0:
-        pytest.skip('cannot mount a tmpfs here: %s' % proc.stderr.decode().strip())
-    try:
-        yield path
-    finally:
-        subprocess.run(['umount', '-l', path], check=True)
 
 
 def test_server_that_cannot_resume_ends_as_a_download_error(tmp_path, served):
@@ -145,7 +132,7 @@ def test_info_on_a_host_without_a_store(tmp_path):
 def test_full_and_read_only_file_systems(tmp_path, served):
     small_url, small_digest = served['small']
     big_url, big_digest = served['big']
-    with tmpfs(str(tmp_path / 'full'), 'size=1m') as full, tmpfs(str(tmp_path / 'ro'), 'size=8m') as ro:
+    with mounted_tmpfs(str(tmp_path / 'full'), 'size=1m') as full, mounted_tmpfs(str(tmp_path / 'ro'), 'size=8m') as ro:
         full_store = os.path.join(full, 'store')
         ro_store = ImageStore(os.path.join(ro, 'store'))
         ro_store.fetch(small_url, alias='small', checksum=small_digest)

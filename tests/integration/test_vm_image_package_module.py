@@ -11,7 +11,6 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import contextlib
 import hashlib
 import json
 import os
@@ -27,6 +26,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import QEM
 
 from support.ansible_run import run_playbook
 from support.image_factory import data_extents_of, extract_with_gnu_tar, pattern, same_sparse_content
+from support.mounts import mounted_tmpfs
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ('tar', 'zstd', 'qemu-img', 'qemu-io')),
@@ -235,19 +235,6 @@ def test_running_qemu_blocks_pack_and_absent(tmp_path):
     assert run[0]['changed'] is True and run[1]['changed'] is True and not os.path.exists(path)
 
 
-@contextlib.contextmanager
-def _tmpfs(path, options):
-    os.makedirs(path)
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
-    if proc.returncode != 0:
-        pytest.skip('cannot mount a tmpfs: %s' % proc.stderr.decode().strip())
-    try:
-        yield path
-    finally:
-        subprocess.run(['umount', '-l', path], check=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('mount'), reason='mounting a tmpfs needs root')
 def test_full_and_read_only_destinations_fail_clearly_and_leave_nothing(tmp_path):
     path = str(tmp_path / 'img')
@@ -256,7 +243,7 @@ def test_full_and_read_only_destinations_fail_clearly_and_leave_nothing(tmp_path
     for i in range(4):
         os.pwrite(fd, os.urandom(MIB), i * 100 * MIB)
     os.close(fd)
-    with _tmpfs(str(tmp_path / 'full'), 'size=1m') as full, _tmpfs(str(tmp_path / 'ro'), 'ro,size=1m') as ro:
+    with mounted_tmpfs(str(tmp_path / 'full'), 'size=1m') as full, mounted_tmpfs(str(tmp_path / 'ro'), 'ro,size=1m') as ro:
         run = run_playbook([
             dict(_package(path=path, dest=os.path.join(full, 'img.tar.zst')), ignore_errors=True),
             dict(_package(path=path, dest=os.path.join(ro, 'img.tar.zst')), ignore_errors=True),

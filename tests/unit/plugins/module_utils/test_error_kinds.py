@@ -13,7 +13,6 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import contextlib
 import errno
 import io
 import json
@@ -28,6 +27,7 @@ import pytest
 
 from support.http_server import LocalHTTPServer
 from support.image_factory import make_image_folder, pattern
+from support.mounts import mounted_tmpfs, remount_read_only
 
 from ansible_collections.vmimage.qemu.plugins.module_utils import errors
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
@@ -62,23 +62,6 @@ def _archive(tmp_path, name, data_bytes=8192, disk_size=MIB, seed=1):
     result = write_image_archive(folder, out)
     return out.getvalue(), result.digest
 
-
-@contextlib.contextmanager
-def tmpfs(path, options):
-    """A tmpfs at ``path``; skips the test where mounting is not allowed."""
-    os.makedirs(path)
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
-    if proc.returncode != 0:
-        pytest.skip('cannot mount a tmpfs here: %s' % proc.stderr.decode().strip())
-    try:
-        yield path
-    finally:
-        subprocess.run(['umount', '-l', path], check=True)
-
-
-def _remount_read_only(path):
-    subprocess.run(['mount', '-o', 'remount,ro', path], check=True)
 
 
 def _fill(folder):
@@ -249,7 +232,7 @@ def test_exhausted_restarts_of_a_checksum_file_are_a_download_error(server):
 def test_full_file_system_fails_the_fetch_with_no_space_and_keeps_nothing(tmp_path, server):
     data, digest = _archive(tmp_path, 'big', data_bytes=2 * MIB, disk_size=4 * MIB)
     url = server.add('/big/image.tar.zst', data)
-    with tmpfs(str(tmp_path / 'small'), 'size=1m') as root:
+    with mounted_tmpfs(str(tmp_path / 'small'), 'size=1m') as root:
         store = ImageStore(os.path.join(root, 'store'))
         before, free = _state(store), _free_bytes(root)
         with pytest.raises(NoSpaceError) as info:
@@ -267,7 +250,7 @@ def test_full_file_system_fails_the_fetch_with_no_space_and_keeps_nothing(tmp_pa
 def test_full_file_system_fails_instance_creation_and_keeps_nothing(tmp_path, server):
     data, digest = _archive(tmp_path, 'small')
     url = server.add('/small/image.tar.zst', data)
-    with tmpfs(str(tmp_path / 'fs'), 'size=4m') as root:
+    with mounted_tmpfs(str(tmp_path / 'fs'), 'size=4m') as root:
         store = ImageStore(os.path.join(root, 'store'))
         store.fetch(url, alias='small', checksum=digest)
         manager = InstanceManager(store)
@@ -292,12 +275,12 @@ def test_read_only_store_fails_every_change_with_permission(tmp_path, server):
     two, two_digest = _archive(tmp_path, 'two', seed=2)
     url_one = server.add('/one/image.tar.zst', one)
     url_two = server.add('/two/image.tar.zst', two)
-    with tmpfs(str(tmp_path / 'fs'), 'size=8m') as root:
+    with mounted_tmpfs(str(tmp_path / 'fs'), 'size=8m') as root:
         store = ImageStore(os.path.join(root, 'store'))
         store.fetch(url_one, alias='one', checksum=one_digest)
         manager = InstanceManager(store)
         manager.ensure_present('vm', 'one')
-        _remount_read_only(root)
+        remount_read_only(root)
         before = _state(store)
         changes = [
             (lambda: store.fetch(url_two, alias='two', checksum=two_digest),

@@ -14,7 +14,6 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +37,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.mutable_image import 
 from support.image_factory import (
     data_extents_of, extract_with_gnu_tar, make_image_folder, pattern, same_sparse_content,
 )
+from support.mounts import mounted_tmpfs
 from support.qemu_process import QEMU, start_qemu, stop_qemu
 
 pytestmark = pytest.mark.skipif(
@@ -566,20 +566,6 @@ def test_waiting_for_another_task_times_out_clearly(image, out):
     finally:
         os.close(fd)
     assert listing(out) == []
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(path, options):
-    """A tmpfs at ``path`` (root only); skips the test where mounting is not allowed."""
-    os.makedirs(path)
-    proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', path],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
-    if proc.returncode != 0:
-        pytest.skip('cannot mount a tmpfs here: %s' % proc.stderr.decode().strip())
-    try:
-        yield path
-    finally:
-        subprocess.run(['umount', '-l', path], check=True)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('mount'), reason='mounting a tmpfs needs root')
