@@ -7,6 +7,9 @@ The archive is streamed: zstd decompresses in a worker thread while the main
 thread parses tar headers and ``pwrite``s data at its extent offsets, so the
 whole tar never exists on disk and memory stays bounded by a few buffers.
 Every limit is enforced while bytes flow, before anything is written past it.
+The compressed input must end where a zstd frame ends: the decoder would take
+a stream cut inside a frame (even one lacking only its checksum) for a
+complete one, so frame boundaries are followed as the input is read.
 
 Member names are only compared against the three allowed names; the file
 names used on disk are the library's own constants, opened relative to the
@@ -30,7 +33,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.tar_format import (
     BLOCK, TarHeader, parse_decimal, parse_old_gnu_sparse_entries, parse_pax_records, type_name,
     MAX_PAX_HEADER,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils.zstd_codec import zstd_module
+from ansible_collections.vmimage.qemu.plugins.module_utils.zstd_codec import ZstdFrameTracker, zstd_module
 
 DISK = 'disk.img'
 LAYER = 'layer.qcow2'
@@ -103,19 +106,33 @@ def _check_member_name(raw):
 
 
 class _CountingSource(object):
-    """Counts compressed bytes and stops at the compressed-size limit."""
+    """Counts compressed bytes, stops at the compressed-size limit and
+    follows zstd frame boundaries, so the end of the input can be checked."""
 
     def __init__(self, src, limit):
         self._src = src
         self._limit = limit
         self.count = 0
+        self.frames = ZstdFrameTracker()
+        self.eof = False
 
     def read(self, size=-1):
         data = self._src.read(size)
         self.count += len(data)
         if self._limit is not None and self.count > self._limit:
             raise LimitExceededError('compressed archive exceeds the limit of %d bytes' % self._limit)
+        if data:
+            self.frames.feed(data)
+        elif size:
+            self.eof = True
         return data
+
+    def check_end(self):
+        """Called when the decoder reports the end of its output."""
+        if not self.eof:
+            raise InvalidArchiveError('the zstd decoder stopped before the end of the input (%d bytes read)'
+                                      % self.count)
+        self.frames.check_complete()
 
 
 class _DecompressedStream(object):
@@ -159,6 +176,9 @@ class _DecompressedStream(object):
                     return
                 n = self._reader.readinto(buf)
                 if n == 0:
+                    # The reader ends quietly on input that stops inside a
+                    # frame, even one lacking only its checksum.
+                    self._source.check_end()
                     self._full.put((None, 0, None))
                     return
                 self._full.put((buf, n, None))

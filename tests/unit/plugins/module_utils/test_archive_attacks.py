@@ -16,12 +16,15 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import hashlib
+import io
 import os
 import re
 import stat
+import struct
 import time
 
 import pytest
+import zstandard
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_reader import extract_image_archive
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
@@ -432,6 +435,152 @@ def build_zstd_window_over_limit_in_second_frame(ctx):
     return zstd_compress(tar[:BLOCK]) + zstd_compress(tar[BLOCK:], window_log=24)
 
 
+# ---- item 7: zstd frame integrity.  zstd has no end-of-stream marker beyond
+# complete frames, so a stream cut inside a frame must be refused even when
+# the tar it carries is already complete (the cut only lost zero padding, the
+# checksum, or an empty final block).
+
+TRAILER_ZEROS = 3000  # valid() ends with 3584 zero bytes: the end marker and record padding
+
+
+def complete_tar():
+    tar = valid().tar_bytes()
+    assert tar[-(TRAILER_ZEROS + BLOCK):] == bytes(TRAILER_ZEROS + BLOCK), 'the tar must end in zeros'
+    return tar
+
+
+def final_block_frame(tar, tail=0):
+    """One checksummed frame of ``tar`` whose last ``tail`` bytes alone make
+    the final block: returns (frame, offset of the final block's header)."""
+    out = io.BytesIO()
+    cctx = zstandard.ZstdCompressor(level=3, write_checksum=True, write_content_size=False)
+    writer = cctx.stream_writer(out, closefd=False)
+    writer.write(tar[:len(tar) - tail])
+    writer.flush(zstandard.FLUSH_BLOCK)
+    mark = len(out.getvalue())
+    writer.write(tar[len(tar) - tail:])
+    writer.flush(zstandard.FLUSH_FRAME)
+    frame = out.getvalue()
+    if not tail:
+        assert len(frame) == mark + 3 + 4, 'expected an empty final block and a checksum'
+    return frame, mark
+
+
+def two_frames():
+    """The tar in a first frame, all but its last zeros; those in a second frame."""
+    tar = complete_tar()
+    return zstd_compress(tar[:-TRAILER_ZEROS]), zstd_compress(tar[-TRAILER_ZEROS:])
+
+
+def skippable_frame(payload, nibble=0):
+    return struct.pack('<II', 0x184D2A50 | nibble, len(payload)) + payload
+
+
+INSIDE_FRAME = r'truncated: the zstd stream ends inside a frame, in '
+
+
+@case('zstd-cut-before-final-block', InvalidArchiveError, INSIDE_FRAME + 'a block header')
+def build_zstd_cut_before_final_block(ctx):
+    frame, mark = final_block_frame(complete_tar())
+    return frame[:mark]
+
+
+@case('zstd-cut-in-final-block-header', InvalidArchiveError, INSIDE_FRAME + 'a block header')
+def build_zstd_cut_in_final_block_header(ctx):
+    frame, mark = final_block_frame(complete_tar())
+    return frame[:mark + 2]
+
+
+@case('zstd-cut-in-final-block', InvalidArchiveError, INSIDE_FRAME + 'a block,')
+def build_zstd_cut_in_final_block(ctx):
+    frame, mark = final_block_frame(complete_tar(), tail=TRAILER_ZEROS)
+    return frame[:mark + 3]  # the block header, not its content
+
+
+@case('zstd-checksum-missing', InvalidArchiveError, INSIDE_FRAME + "the frame's content checksum")
+def build_zstd_checksum_missing(ctx):
+    return final_block_frame(complete_tar())[0][:-4]
+
+
+@case('zstd-checksum-cut-short', InvalidArchiveError, INSIDE_FRAME + "the frame's content checksum")
+def build_zstd_checksum_cut_short(ctx):
+    return final_block_frame(complete_tar())[0][:-1]
+
+
+@case('zstd-checksum-corrupted', InvalidArchiveError, r"zstd.*checksum")
+def build_zstd_checksum_corrupted(ctx):
+    frame = bytearray(final_block_frame(complete_tar())[0])
+    frame[-2] ^= 0x10
+    return bytes(frame)
+
+
+@case('zstd-checksum-corrupted-in-first-frame', InvalidArchiveError, r"zstd.*checksum")
+def build_zstd_checksum_corrupted_in_first_frame(ctx):
+    first, second = two_frames()
+    first = bytearray(first)
+    first[-1] ^= 0x01
+    return bytes(first) + second
+
+
+@case('zstd-last-frame-cut-in-magic', InvalidArchiveError, INSIDE_FRAME + 'a frame magic number')
+def build_zstd_last_frame_cut_in_magic(ctx):
+    first, second = two_frames()
+    return first + second[:2]
+
+
+@case('zstd-last-frame-cut-in-header', InvalidArchiveError, INSIDE_FRAME + 'a frame header')
+def build_zstd_last_frame_cut_in_header(ctx):
+    first, second = two_frames()
+    return first + second[:zstandard.frame_header_size(second) - 1]
+
+
+@case('zstd-last-frame-cut-in-block', InvalidArchiveError, INSIDE_FRAME + 'a block')
+def build_zstd_last_frame_cut_in_block(ctx):
+    first, second = two_frames()
+    return first + second[:zstandard.frame_header_size(second) + 3]
+
+
+@case('zstd-trailing-partial-skippable-magic', InvalidArchiveError, INSIDE_FRAME + 'a frame magic number')
+def build_zstd_trailing_partial_skippable_magic(ctx):
+    return zstd_compress(complete_tar()) + skippable_frame(b'')[:3]
+
+
+@case('zstd-trailing-zeros-shorter-than-a-magic', InvalidArchiveError, r'not a valid zstd stream')
+def build_zstd_trailing_zeros_shorter_than_a_magic(ctx):
+    return zstd_compress(complete_tar()) + b'\0\0\0'  # libzstd refuses a prefix of no magic
+
+
+@case('zstd-trailing-garbage-after-last-frame', InvalidArchiveError, r'not a valid zstd stream')
+def build_zstd_trailing_garbage_after_last_frame(ctx):
+    return zstd_compress(complete_tar()) + b'#!/bin/sh\nrm -rf /\n'
+
+
+@case('zstd-skippable-frame-cut-short', InvalidArchiveError, INSIDE_FRAME + 'a skippable frame')
+def build_zstd_skippable_frame_cut_short(ctx):
+    return zstd_compress(complete_tar()) + skippable_frame(b'metadata')[:-2]
+
+
+def _register_frame_boundary_cuts():
+    """A multi-frame stream cut between frames is a complete zstd stream:
+    the tar inside is what tells it is short.  Frames end in the middle of
+    the first member, after a header, inside the last member's padding and
+    right before the end-of-archive marker."""
+    tar = complete_tar()
+    content_end = len(tar.rstrip(b'\0'))  # machine.json ends with '}'
+    members_end = content_end + (-content_end % BLOCK)
+    cuts = [BLOCK + 100, 2 * BLOCK + len(DISK_CONTENT), members_end - 200, members_end]
+    for kept in range(1, len(cuts) + 1):
+        def build(ctx, kept=kept):
+            tar = complete_tar()
+            frames = [zstd_compress(tar[a:b]) for a, b in zip([0] + cuts, cuts + [len(tar)])]
+            return b''.join(frames[:kept])
+        case('zstd-stream-cut-after-frame-%d-of-%d' % (kept, len(cuts) + 1), InvalidArchiveError,
+             r'archive is truncated|lacks')(build)
+
+
+_register_frame_boundary_cuts()
+
+
 # ---- item 7: decompression bombs
 
 @case('declared-size-beyond-member-limit', LimitExceededError, r'disk\.img.*exceeds the limit')
@@ -695,9 +844,6 @@ def test_header_builder_matches_library_checksums():
     assert h.name == b'disk.img' and h.size == 1234
 
 
-@pytest.mark.xfail(strict=True, reason='known gap: zstandard stream_reader reports a frame cut short as a '
-                                       'clean end of stream, so a frame missing its checksum is accepted '
-                                       'when the tar inside is complete')
 def test_zstd_frame_missing_its_checksum_is_refused(tmp_path):
     staging = str(tmp_path / 'staging')
     os.mkdir(staging)
@@ -705,5 +851,50 @@ def test_zstd_frame_missing_its_checksum_is_refused(tmp_path):
     archive = tmp_path / 'a.tar.zst'
     archive.write_bytes(data[:-4])  # the 4-byte content checksum ends the frame
     with open(str(archive), 'rb') as f:
-        with pytest.raises(InvalidArchiveError):
+        with pytest.raises(InvalidArchiveError, match="ends inside a frame, in the frame's content checksum"):
             extract_image_archive(f, staging)
+
+
+def _load(tmp_path, data, name='a'):
+    staging = str(tmp_path / (name + '-staging'))
+    os.mkdir(staging)
+    archive = tmp_path / (name + '.tar.zst')
+    archive.write_bytes(data)
+    with open(str(archive), 'rb') as f:
+        return extract_image_archive(f, staging)
+
+
+def test_zstd_frames_without_checksum_and_skippable_frames_load(tmp_path):
+    """Controls for the frame-integrity cases: frames without a checksum,
+    several frames, and skippable frames before, between and after them."""
+    tar = complete_tar()
+    no_checksum = zstd_compress(tar, checksum=False)
+    assert not zstandard.get_frame_parameters(no_checksum).has_checksum
+    assert sorted(_load(tmp_path, no_checksum, 'plain').members) == sorted(MEMBERS)
+    first, second = two_frames()
+    data = (skippable_frame(b'leading', 3) + first + skippable_frame(b'') + second
+            + skippable_frame(b'trailing' * 100, 15))
+    result = _load(tmp_path, data, 'skippable')
+    assert sorted(result.members) == sorted(MEMBERS)
+    assert result.compressed_bytes == len(data) and result.decompressed_bytes == len(tar)
+    with open(str(tmp_path / 'skippable-staging' / 'disk.img'), 'rb') as f:
+        assert f.read() == DISK_CONTENT
+
+
+def test_every_cut_inside_the_last_frame_is_refused(tmp_path):
+    """The tar is complete in the first frame; the last frame holds only
+    zero padding.  Every cut inside that frame (magic, header, block header,
+    block, checksum) is refused and leaves only allowed files in staging."""
+    first, second = two_frames()
+    assert len(_load(tmp_path, first + second, 'whole').members) == 3
+    for cut in range(1, len(second)):
+        staging = tmp_path / ('cut%d' % cut)
+        os.mkdir(str(staging))
+        archive = tmp_path / 'cut.tar.zst'
+        archive.write_bytes(first + second[:cut])
+        with open(str(archive), 'rb') as f:
+            with pytest.raises(InvalidArchiveError, match=INSIDE_FRAME) as info:
+                extract_image_archive(f, str(staging))
+        assert 'after %d compressed bytes' % (len(first) + cut) in str(info.value)
+        assert set(os.listdir(str(staging))) <= set(MEMBERS)
+        os.unlink(str(archive))

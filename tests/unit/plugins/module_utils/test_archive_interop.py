@@ -15,11 +15,15 @@ __metaclass__ = type
 
 import os
 import shutil
+import subprocess
 
 import pytest
+import zstandard
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_reader import extract_image_archive
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
+from ansible_collections.vmimage.qemu.plugins.module_utils.errors import InvalidArchiveError
+from ansible_collections.vmimage.qemu.plugins.module_utils.zstd_codec import ZstdFrameTracker
 
 from support.image_factory import (
     BLOCK, MEMBERS, SPARSE_VERSIONS, allocated_bytes, data_bytes_of, data_extents_of, describe_difference,
@@ -157,6 +161,48 @@ def test_zstd_cli_long_window_within_limits(folders, tmp_path):
     src = folders('typical')
     archive = tmp_path / 'long.tar.zst'
     archive.write_bytes(zstd_cli_compress(gnu_tar_bytes(src), long_window=27))
+    _extract(str(archive), str(tmp_path / 'out'))
+    _assert_same_members(src, str(tmp_path / 'out'))
+
+
+@pytest.mark.parametrize('zstd_args', [['-T2'], ['--no-check'], ['-T2', '--no-check', '-1']], ids=' '.join)
+def test_gnu_tar_through_zstd_cli_options(folders, tmp_path, zstd_args):
+    """``tar | zstd -T2`` (a 64 MiB stream: several zstd jobs, still one
+    frame) and ``--no-check`` (no content checksum) load; the same stream cut
+    inside its last block or checksum does not."""
+    src = folders('typical')
+    tar = gnu_tar_bytes(src, sparse=False)
+    data = zstd_cli_compress(tar, extra=zstd_args)
+    checksum = '--no-check' not in zstd_args
+    assert zstandard.get_frame_parameters(data).has_checksum == checksum
+    frames = ZstdFrameTracker()
+    frames.feed(data)
+    frames.check_complete()
+    assert (frames.frames, frames.checksummed_frames) == (1, int(checksum))
+    archive = tmp_path / 'cli.tar.zst'
+    archive.write_bytes(data)
+    result = _extract(str(archive), str(tmp_path / 'out'))
+    assert result.compressed_bytes == len(data) and result.decompressed_bytes == len(tar)
+    _assert_same_members(src, str(tmp_path / 'out'))
+    for cut in (len(data) - 1, len(data) - 4, len(data) - 9):
+        archive.write_bytes(data[:cut])
+        with pytest.raises(InvalidArchiveError, match='ends inside a frame'):
+            _extract(str(archive), str(tmp_path / ('cut%d' % cut)))
+
+
+@pytest.mark.skipif(not shutil.which('pzstd'), reason='needs pzstd')
+def test_gnu_tar_through_pzstd_frames(folders, tmp_path):
+    """pzstd writes several frames, each after a skippable frame giving its size."""
+    src = folders('typical')
+    tar = gnu_tar_bytes(src, sparse=False)
+    data = subprocess.run(['pzstd', '-q', '-c', '-p', '2', '-3'], input=tar, check=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE).stdout
+    frames = ZstdFrameTracker()
+    frames.feed(data)
+    frames.check_complete()
+    assert frames.frames >= 2 and frames.skippable_frames == frames.frames
+    archive = tmp_path / 'pzstd.tar.zst'
+    archive.write_bytes(data)
     _extract(str(archive), str(tmp_path / 'out'))
     _assert_same_members(src, str(tmp_path / 'out'))
 
