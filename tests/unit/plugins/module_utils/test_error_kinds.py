@@ -63,7 +63,6 @@ def _archive(tmp_path, name, data_bytes=8192, disk_size=MIB, seed=1):
     return out.getvalue(), result.digest
 
 
-
 def _fill(folder):
     """Take every free block of the file system of ``folder``; return the file."""
     path = os.path.join(folder, 'filler')
