@@ -11,7 +11,6 @@ and peak RSS.  Results are also written as JSON to bench/output/archive.json.
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -20,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import GIB, MIB, REPO, alternate, fmt_ratio, make_test_disk, run_timed  # noqa: E402
+from common import GIB, MIB, REPO, alternate, fmt_ratio, make_test_disk, run_timed, write_report  # noqa: E402
 
 MEMBERS = ['disk.img', 'layer.qcow2', 'machine.json']
 
@@ -104,10 +103,7 @@ def main():
             print('%-6s ours %6.2f s (%6.1f MB/s, peak RSS %5.1f MiB)  ref %6.2f s (%6.1f MB/s)  ratio %s  pairs %s'
                   % (what, s['ours_s'], s['ours_mb_s'], s['ours_peak_rss_mib'], s['ref_s'], s['ref_mb_s'],
                      fmt_ratio(s['ours_s'], s['ref_s']), s['ratio_pairs']))
-        out_dir = os.path.join(REPO, 'bench', 'output')
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'archive.json'), 'w') as f:
-            json.dump(report, f, indent=2)
+        write_report('archive', report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

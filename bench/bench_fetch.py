@@ -14,7 +14,6 @@ peak RSS; JSON in bench/output/fetch.json.
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -23,7 +22,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import GIB, MIB, REPO, ensure_collection_path, run_timed  # noqa: E402
+from common import GIB, MIB, REPO, ensure_collection_path, run_timed, write_report  # noqa: E402
 
 COLLECTIONS = ensure_collection_path()
 sys.path.insert(0, os.path.join(REPO, 'tests'))
@@ -110,10 +109,7 @@ def main():
         print('ratio vs curl pipeline %.2fx; %.1fx faster than get_url+unarchive; idempotent re-run %.3f s '
               'vs stat %.3f s (%.2fx)' % (report['ratio_vs_curl'], report['speedup_vs_get_url_unarchive'],
                                           fetch_s, stat_s, report['idempotent_vs_stat']))
-        out_dir = os.path.join(REPO, 'bench', 'output')
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'fetch.json'), 'w') as f:
-            json.dump(report, f, indent=2)
+        write_report('fetch', report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -5,6 +5,7 @@ Each measured tool runs as its own process so its peak RSS is its own and the
 page-cache/memory state is shared fairly between the alternating runs.
 """
 
+import json
 import os
 import random
 import subprocess
@@ -113,3 +114,13 @@ def alternate(label_a, run_a, label_b, run_b, rounds=2):
 
 def fmt_ratio(ours, ref):
     return '%.2fx' % (ours / ref) if ref else 'n/a'
+
+
+def write_report(name, report):
+    """Save a benchmark's figures as bench/output/<name>.json (git-ignored)."""
+    out_dir = os.path.join(REPO, 'bench', 'output')
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name + '.json')
+    with open(path, 'w') as f:
+        json.dump(report, f, indent=2)
+    return path
