@@ -6,7 +6,8 @@
 * probe_kvm(): opens the KVM device read-write and asks KVM_GET_API_VERSION,
   as QEMU does first; a failure comes with one sentence saying why (missing
   device, permission with the device's owner/mode and this process's groups,
-  no driver, wrong API version, ioctl error).
+  no driver, wrong API version, ioctl error).  Passing it is necessary, not
+  sufficient: accelerator.py then tries QEMU itself.
 * qemu_versions(): ``--version`` of qemu-system-x86_64 and qemu-img (argv,
   short timeout; a missing or broken binary gives None).
 * python_libraries(): whether zstandard and requests import, with versions.
@@ -216,14 +217,3 @@ def python_libraries(names=PYTHON_LIBRARIES):
     for name in names:
         result[name] = library_version(name)
     return result
-
-
-def probe_host(kvm_device=KVM_DEVICE, path=None):
-    """Everything above as one dict (the vm_host_info result)."""
-    kvm = probe_kvm(kvm_device)
-    return dict(
-        kvm=kvm.as_dict(),
-        accelerator='kvm' if kvm.usable else 'tcg',
-        qemu=qemu_versions(path),
-        python=python_libraries(),
-    )

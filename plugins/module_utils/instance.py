@@ -54,7 +54,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.locking import FileLo
 from ansible_collections.vmimage.qemu.plugins.module_utils.machine import (
     apply_defaults, is_valid_mac, is_valid_uuid, merge_machine, random_mac, random_uuid, validate_machine,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_cmdline import build_qemu_args
+from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_cmdline import build_qemu_args, machine_accelerator
 from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_img import create_overlay, qemu_img_info
 from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import describe_holders, usage_report
 from ansible_collections.vmimage.qemu.plugins.module_utils.store import (
@@ -205,8 +205,16 @@ class InstanceManager(object):
                               backing_chain=True)
         return [{'filename': entry.get('filename'), 'format': entry.get('format')} for entry in chain]
 
+    @staticmethod
+    def accelerator(record, accel='auto', binary=None):
+        """The AccelDecision for the instance of ``record`` ('auto' tries KVM
+        with its machine type and CPU model; see accelerator.py)."""
+        kw = dict(binary=binary) if binary else {}
+        return machine_accelerator(record['machine'], accel, **kw)
+
     def qemu_args(self, record, accel='auto', netdev='user', display='none', binary=None):
-        """The QEMU argv that boots the instance of ``record``."""
+        """The QEMU argv that boots the instance of ``record``; ``accel`` as
+        for build_qemu_args() (a string, or a decision from accelerator())."""
         kw = {}
         if binary:
             kw['binary'] = binary

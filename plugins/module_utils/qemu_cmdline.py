@@ -5,9 +5,10 @@
 
 The result is an argv list (never a shell string) for qemu-system-x86_64:
 
-* ``-accel kvm`` when /dev/kvm is usable by this process, ``-accel tcg``
-  otherwise (``cpu: host`` becomes ``-cpu max`` under TCG, which cannot
-  pass the host CPU through);
+* the accelerator of accelerator.decide_accelerator(): ``auto`` is KVM only
+  when QEMU was seen to start with it and this very CPU model, TCG otherwise
+  (``cpu: host`` becomes ``-cpu max`` under TCG, which cannot pass the host
+  CPU through);
 * ``-nodefaults -no-user-config``: every device comes from machine.json, none
   from QEMU's defaults or the host's /etc/qemu;
 * the disk as ``-drive`` with an explicit format and ``file.driver=file``, so
@@ -25,14 +26,12 @@ __metaclass__ = type
 import os
 import re
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.host_probe import (
-    KVM_DEVICE, QEMU_SYSTEM, probe_kvm,
-)
+from ansible_collections.vmimage.qemu.plugins.module_utils.accelerator import AccelDecision, decide_accelerator
+from ansible_collections.vmimage.qemu.plugins.module_utils.host_probe import KVM_DEVICE, QEMU_SYSTEM
 from ansible_collections.vmimage.qemu.plugins.module_utils.machine import (
     apply_defaults, is_valid_mac,
 )
 
-ACCELERATORS = ('auto', 'kvm', 'tcg')
 DISK_FORMATS = ('qcow2', 'raw')
 
 _DRIVE_ID = 'disk0'
@@ -65,21 +64,12 @@ def qemu_opt(value):
     return value.replace(',', ',,')
 
 
-def kvm_available(device=KVM_DEVICE):
-    """True when this process can open ``device`` read-write and it answers
-    the KVM API version ioctl (a present but unusable /dev/kvm -- wrong
-    permissions, nested virtualisation off -- counts as unavailable).
-    host_probe.probe_kvm() says why not."""
-    return probe_kvm(device).usable
-
-
-def select_accel(accel='auto', device=KVM_DEVICE):
-    """'kvm' or 'tcg': ``auto`` picks KVM when it is usable."""
-    if accel not in ACCELERATORS:
-        raise ValueError('accel must be one of %s, got %r' % (', '.join(ACCELERATORS), accel))
-    if accel == 'auto':
-        return 'kvm' if kvm_available(device) else 'tcg'
-    return accel
+def machine_accelerator(machine, accel='auto', binary=QEMU_SYSTEM, kvm_device=KVM_DEVICE):
+    """The AccelDecision for ``machine`` (a version-1 definition): the trial
+    uses its chipset and CPU model, the ones its command line carries."""
+    machine = apply_defaults(machine)
+    return decide_accelerator(accel, cpu=machine['cpu'], machine_type=machine['chipset'], binary=binary,
+                              kvm_device=kvm_device)
 
 
 def _netdev_args(netdev):
@@ -117,7 +107,8 @@ def build_qemu_args(machine, disk, disk_format='qcow2', mac=None, name=None, acc
     ``machine`` is a version-1 machine definition (validated here, defaults
     filled in); ``mac`` overrides its ``mac``, and one of them must be set
     (an instance never boots with a NIC address left to chance).  ``disk``
-    must be an absolute path.  ``accel``: 'auto', 'kvm' or 'tcg'.
+    must be an absolute path.  ``accel``: 'auto', 'kvm', 'tcg' or an
+    AccelDecision already made (machine_accelerator()).
     ``netdev``: 'user' (default), 'none' (no NIC at all), 'tap:<ifname>' or
     'bridge:<bridge>'.  ``display``: a QEMU -display backend ('none').
     Raises InvalidMachineError for a bad machine, ValueError for bad
@@ -136,11 +127,9 @@ def build_qemu_args(machine, disk, disk_format='qcow2', mac=None, name=None, acc
         raise ValueError('disk_format must be one of %s, got %r' % (', '.join(DISK_FORMATS), disk_format))
     if not _DISPLAY.fullmatch(display or ''):
         raise ValueError('invalid display backend %r' % (display,))
-    accel = select_accel(accel, kvm_device)
+    if not isinstance(accel, AccelDecision):
+        accel = machine_accelerator(machine, accel, binary, kvm_device)
 
-    cpu = machine['cpu']
-    if cpu == 'host' and accel == 'tcg':
-        cpu = 'max'  # TCG emulates; 'max' is the closest to passing the host through
     threads, cores, sockets = machine['threads'], machine['cores'], machine['sockets']
 
     argv = [binary, '-nodefaults', '-no-user-config']
@@ -148,8 +137,8 @@ def build_qemu_args(machine, disk, disk_format='qcow2', mac=None, name=None, acc
         argv += ['-name', qemu_opt(name)]
     argv += [
         '-machine', machine['chipset'],
-        '-accel', accel,
-        '-cpu', cpu,
+        '-accel', accel.accel,
+        '-cpu', accel.cpu,
         '-smp', '%d,sockets=%d,cores=%d,threads=%d' % (threads * cores * sockets, sockets, cores, threads),
         '-m', '%d' % machine['memory'],
     ]

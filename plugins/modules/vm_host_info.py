@@ -13,10 +13,18 @@ module: vm_host_info
 short_description: Report whether a host can run QEMU with KVM, its QEMU versions and the modules' Python libraries
 version_added: 0.1.0
 description:
-  - Opens the KVM device read-write and asks it C(KVM_GET_API_VERSION), as QEMU does before using it. KVM is usable
-    when the answer is 12; otherwise RV(kvm.reason) says why not in one sentence (device missing, permission denied
-    with the device's owner, group and mode and whether the module's user is in that group, no driver, wrong API
-    version, ioctl error).
+  - Opens the KVM device read-write and asks it C(KVM_GET_API_VERSION), as QEMU does before using it. When that
+    fails, RV(kvm.reason) says why in one sentence (device missing, permission denied with the device's owner,
+    group and mode and whether the module's user is in that group, no driver, wrong API version, ioctl error).
+  - A device that answers is not yet proof: on some hosts QEMU aborts at start with C(-accel kvm -cpu host).
+    So the module then starts C(qemu-system-x86_64) itself, paused and without devices, with the machine type,
+    accelerator and CPU model instances get (C(-machine pc-i440fx-2.8 -accel kvm -cpu host)), and counts KVM
+    usable only when that process answers QMP with KVM enabled. QEMU's own error text is returned in
+    RV(kvm.qemu_error).
+  - This is the decision M(vmimage.qemu.vm_image_instance) makes for O(vmimage.qemu.vm_image_instance#module:accel=auto),
+    and the verdict is shared with it through a cache in C(/run/vmimage-qemu) (root) or C($XDG_RUNTIME_DIR)
+    (other users), keyed by the QEMU binary, the kernel, the boot, the device and the user, so it never outlives
+    a QEMU upgrade or a reboot.
   - The answer is for the user the module runs as (with C(become), usually root); another user may be refused
     where root is not.
   - Runs C(qemu-system-x86_64 --version) and C(qemu-img --version) (argument lists, 10 s timeout) and reports the
@@ -76,14 +84,27 @@ kvm:
   type: dict
   contains:
     usable:
-      description: The device opened read-write and answered API version 12.
+      description: The device opened read-write, answered API version 12, and QEMU started with KVM and the
+        instances' CPU model.
       type: bool
       sample: true
     reason:
       description: V(ok) when usable, otherwise why not.
       type: str
-      sample: "permission denied opening /dev/kvm read-write (owner root, group kvm, mode 0660): this process
-        (user ci) is not in group kvm; add the user to that group (takes effect at the next login)"
+      sample: "qemu-system-x86_64 -machine pc-i440fx-2.8 -accel kvm -cpu host was killed by signal 6 before
+        answering (qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69)"
+    device_usable:
+      description: Whether the device alone passed (opened read-write and answered API version 12).
+      type: bool
+      sample: true
+    qemu_error:
+      description: What QEMU printed when it failed to start with KVM, V(null) otherwise.
+      type: str
+      sample: "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69"
+    cached:
+      description: Whether the QEMU trial's verdict came from the cache (made earlier in this boot).
+      type: bool
+      sample: false
     device:
       description: The device probed.
       type: str
@@ -97,6 +118,11 @@ accelerator:
   returned: always
   type: str
   sample: kvm
+cpu:
+  description: The CPU model instances get with that accelerator (V(host) under KVM, V(max) under TCG).
+  returned: always
+  type: str
+  sample: host
 qemu:
   description: The QEMU binaries found on C(PATH) (then C(/usr/bin), C(/usr/sbin) and friends) and their versions.
   returned: always
@@ -150,7 +176,8 @@ error_kind:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.host_probe import KVM_DEVICE, probe_host
+from ansible_collections.vmimage.qemu.plugins.module_utils.host_facts import probe_host
+from ansible_collections.vmimage.qemu.plugins.module_utils.host_probe import KVM_DEVICE
 from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import error_result
 
 

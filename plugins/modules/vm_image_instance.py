@@ -88,13 +88,26 @@ options:
         The VM keeps running on the deleted disk until it stops.
     type: bool
     default: false
+  accel:
+    description:
+      - The accelerator in RV(qemu_args).
+      - V(auto) uses KVM only when it is proven to work on this host for the module's user: the device opens
+        read-write and answers the KVM API, and C(qemu-system-x86_64) itself, started paused and without devices
+        with the instance's machine type and C(-accel kvm -cpu host), stays up and reports KVM enabled.
+        Otherwise it falls back to TCG with C(-cpu max), and RV(accel_reason) says why.
+        The verdict is cached per boot in C(/run/vmimage-qemu) (root) or C($XDG_RUNTIME_DIR) and renewed when QEMU,
+        the kernel, the device or the user's groups change.
+      - V(kvm) and V(tcg) are used as given, without a trial.
+    type: str
+    choices: [auto, kvm, tcg]
+    default: auto
 requirements:
   - Python 3.9 or newer on the target
   - qemu-img (package qemu-utils)
   - Linux C(/proc) (for RV(owners))
 notes:
-  - Running the VM is up to you; RV(qemu_args) is an argv list for C(qemu-system-x86_64) using KVM when
-    C(/dev/kvm) is usable by the module's user (TCG otherwise), user-mode networking and no display.
+  - Running the VM is up to you; RV(qemu_args) is an argv list for C(qemu-system-x86_64) with the accelerator of
+    O(accel), user-mode networking and no display.
   - Processes of other users are only visible to root; a lock held by an invisible process is still detected and
     reported, with C(pid) and C(command) null.
 seealso:
@@ -187,6 +200,19 @@ qemu_args:
   returned: when state=present and the instance's MAC is known
   type: list
   elements: str
+accel:
+  description: The accelerator in RV(qemu_args), V(kvm) or V(tcg).
+  returned: when RV(qemu_args) is
+  type: str
+  sample: kvm
+accel_reason:
+  description:
+    - Why RV(accel) was chosen - V(requested) for an explicit O(accel), otherwise the outcome of the KVM trial,
+      with QEMU's own error text when KVM was refused and the VM falls back to TCG.
+  returned: when RV(qemu_args) is
+  type: str
+  sample: "qemu-system-x86_64 -machine pc-i440fx-2.8 -accel kvm -cpu host was killed by signal 6 before answering
+    (qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69)"
 backing_chain:
   description: The disk's backing chain from the instance to the raw image disk, each with its format, as
     C(qemu-img info --backing-chain) reports it (in check mode, as it would be).
@@ -232,6 +258,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.vmimage.qemu.plugins.module_utils.accelerator import ACCELERATORS
 from ansible_collections.vmimage.qemu.plugins.module_utils.instance import (
     INSTANCE_FORMAT, InstanceManager, check_instance_name,
 )
@@ -249,7 +276,7 @@ def _diff_side(record):
     return dict((k, record.get(k)) for k in _DIFF_KEYS)
 
 
-def _present_result(manager, change, check_mode):
+def _present_result(manager, change, check_mode, accel):
     record = change.after
     name = record['name']
     result = dict(
@@ -258,7 +285,9 @@ def _present_result(manager, change, check_mode):
         uuid=record.get('uuid'), machine=record.get('machine'), owners=change.owners,
     )
     if record.get('mac'):
-        result['qemu_args'] = manager.qemu_args(record)
+        decision = manager.accelerator(record, accel)
+        result.update(qemu_args=manager.qemu_args(record, accel=decision), accel=decision.accel,
+                      accel_reason=decision.reason)
     if check_mode and change.action in ('create', 'replace'):
         result['backing_chain'] = manager.expected_chain(name, record['digest'])
     else:
@@ -277,6 +306,7 @@ def main():
             machine=dict(type='dict'),
             recreate=dict(type='bool', default=False),
             force=dict(type='bool', default=False),
+            accel=dict(type='str', choices=list(ACCELERATORS), default='auto'),
         ),
         required_if=[('state', 'present', ('image',))],
         supports_check_mode=True,
@@ -302,7 +332,7 @@ def main():
             change = manager.ensure_present(name, p['image'], mac=p['mac'], machine=p['machine'],
                                             recreate=p['recreate'], force=p['force'],
                                             check_mode=module.check_mode)
-            result = _present_result(manager, change, module.check_mode)
+            result = _present_result(manager, change, module.check_mode, p['accel'])
             result['changed'] = change.changed
         if module._diff:
             result['diff'] = dict(before=_diff_side(change.before), after=_diff_side(change.after))

@@ -16,9 +16,9 @@ from support.boot_image import (
 )
 from support.http_server import LocalHTTPServer
 
+from ansible_collections.vmimage.qemu.plugins.module_utils.accelerator import decide_accelerator
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
 from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import is_in_use
-from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_cmdline import kvm_available
 
 
 @pytest.fixture(scope='module')
@@ -79,7 +79,10 @@ def test_instances_boot_from_qemu_args_and_hold_their_image(tmp_path, served):
         (os.path.join(store, 'images', digest[7:], 'layer.qcow2'), 'qcow2'),
         (os.path.join(store, 'images', digest[7:], 'disk.img'), 'raw')]
     assert a['owners'] == []
-    assert a['qemu_args'][a['qemu_args'].index('-accel') + 1] == ('kvm' if kvm_available() else 'tcg')
+    decision = decide_accelerator('auto')
+    assert a['qemu_args'][a['qemu_args'].index('-accel') + 1] == a['accel'] == decision.accel
+    assert a['qemu_args'][a['qemu_args'].index('-cpu') + 1] == decision.cpu
+    assert a['accel_reason'] == decision.reason
     assert 'e1000,netdev=net0,mac=%s' % a['mac'] in a['qemu_args']
 
     assert a_again['changed'] is False and a_again['action'] == 'none'
@@ -176,3 +179,25 @@ def test_check_mode_without_store_reports_missing_image(tmp_path):
     assert run[1]['changed'] is False
     assert run[2]['instances'] == [] and run[2]['usage']['instances'] == 0
     assert not os.path.exists(store)
+
+
+def test_accel_option_is_used_as_given(tmp_path, served):
+    url, _digest = served
+    store = str(tmp_path / 'store')
+    run = run_playbook([
+        _fetch(store, url),
+        _instance(store, 't', accel='tcg'),
+        _instance(store, 'k', accel='kvm'),
+        _ignoring(_instance(store, 'x', accel='hvf')),
+        {'vmimage.qemu.vm_host_info': {}},
+        _instance(store, 'auto'),
+    ], tmp_path)
+    _fetched, tcg, kvm, bad, host, auto = run.results
+    assert (tcg['accel'], tcg['accel_reason']) == ('tcg', 'requested')
+    assert tcg['qemu_args'][tcg['qemu_args'].index('-cpu') + 1] == 'max'
+    assert (kvm['accel'], kvm['accel_reason']) == ('kvm', 'requested')
+    assert kvm['qemu_args'][kvm['qemu_args'].index('-cpu') + 1] == 'host'
+    assert bad['failed'] is True and 'accel' in bad['msg'] and 'hvf' in bad['msg']
+    # The host facts and the instances make one decision.
+    assert auto['accel'] == host['accelerator']
+    assert auto['accel_reason'] == (host['kvm']['reason'] if auto['accel'] == 'tcg' else auto['accel_reason'])

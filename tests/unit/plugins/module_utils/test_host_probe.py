@@ -24,9 +24,10 @@ import pytest
 from ansible_collections.vmimage.qemu.plugins.module_utils import host_probe
 from ansible_collections.vmimage.qemu.plugins.module_utils.host_probe import (
     KVM_API_VERSION, api_version_reason, binary_version, describe_permission_denied, library_version,
-    parse_version, probe_host, probe_kvm, python_libraries, qemu_versions,
+    parse_version, probe_kvm, python_libraries, qemu_versions,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_cmdline import kvm_available
+from ansible_collections.vmimage.qemu.plugins.module_utils.accelerator import decide_accelerator
+from ansible_collections.vmimage.qemu.plugins.module_utils.host_facts import probe_host
 
 QEMU = shutil.which('qemu-system-x86_64')
 HAS_KVM_DEVICE = os.path.exists(host_probe.KVM_DEVICE)
@@ -125,7 +126,8 @@ def test_real_device_agrees_with_qemu():
         assert status.reason == 'ok' and status.api_version == KVM_API_VERSION
     else:
         assert status.reason != 'ok' and '/dev/kvm' in status.reason
-    assert kvm_available() is status.usable, 'qemu_cmdline uses the same probe'
+    if not status.usable:
+        assert decide_accelerator('auto').reason == status.reason, 'the decision starts from this probe'
 
 
 @needs_root
@@ -212,7 +214,7 @@ def test_missing_device(tmp_path):
     assert not status.usable and status.api_version is None and status.device == device
     assert status.reason.startswith('%s does not exist' % device)
     assert 'kvm kernel module' in status.reason
-    assert kvm_available(device) is False
+    assert decide_accelerator('auto', kvm_device=device).accel == 'tcg'
 
 
 @pytest.mark.parametrize('kind', ['null', 'file'])
@@ -306,3 +308,4 @@ def test_probe_host_shape(tmp_path):
     assert set(report['python']) == {'version', 'executable', 'zstandard', 'requests'}
     real = probe_host()
     assert real['accelerator'] == ('kvm' if real['kvm']['usable'] else 'tcg')
+    assert real['kvm']['usable'] is False or real['kvm']['device_usable'] is True

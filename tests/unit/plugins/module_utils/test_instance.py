@@ -35,7 +35,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.instance import InstanceManager
 from ansible_collections.vmimage.qemu.plugins.module_utils.machine import is_valid_mac, is_valid_uuid
-from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_cmdline import kvm_available
+from ansible_collections.vmimage.qemu.plugins.module_utils.accelerator import decide_accelerator
 from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_img import qemu_img_info
 from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import is_in_use
 from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore
@@ -137,7 +137,7 @@ def test_two_instances_boot_and_write_only_their_own_overlay(store, manager, tmp
 
     # Both at once (shared read-only backing files), with KVM when usable.
     argv = manager.qemu_args(a)
-    assert argv[argv.index('-accel') + 1] == ('kvm' if kvm_available() else 'tcg')
+    assert argv[argv.index('-accel') + 1] == decide_accelerator('auto').accel
     assert 'e1000,netdev=net0,mac=%s' % a['mac'] in argv
     runs = [_boot(manager, 'a', tmp_path, tag='1'), _boot(manager, 'b', tmp_path, tag='1')]
     assert [_finish(*run) for run in runs] == [[1], [1]]

@@ -9,18 +9,18 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import os
 import shutil
 import subprocess
 
 import pytest
 
+from ansible_collections.vmimage.qemu.plugins.module_utils.accelerator import decide_accelerator
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import InvalidMachineError
 from ansible_collections.vmimage.qemu.plugins.module_utils.machine import (
     GRAPHICS_DEVICES, KEYBOARDS, MICE, NETWORK_DEVICES, SOUND_DEVICES, TABLETS, USB_CONTROLLERS,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_cmdline import (
-    build_qemu_args, kvm_available, qemu_opt, select_accel,
+    build_qemu_args, machine_accelerator, qemu_opt,
 )
 
 QEMU = shutil.which('qemu-system-x86_64')
@@ -130,15 +130,18 @@ def test_network_backends():
     assert nets('none') == ([], [])
 
 
-def test_accelerator_selection():
-    assert select_accel('auto', NO_KVM) == 'tcg'
-    assert select_accel('tcg') == 'tcg'
-    assert select_accel('kvm', NO_KVM) == 'kvm', 'an explicit choice is not second-guessed'
-    assert not kvm_available(NO_KVM)
-    assert not kvm_available('/dev/null'), 'a device that does not answer the KVM ioctl is not KVM'
-    expected = os.path.exists('/dev/kvm') and os.access('/dev/kvm', os.R_OK | os.W_OK)
-    assert kvm_available() == expected
-    assert select_accel('auto') == ('kvm' if expected else 'tcg')
+def test_accelerator_comes_from_the_decision():
+    assert machine_accelerator({'version': 1}, 'auto', kvm_device=NO_KVM).accel == 'tcg'
+    assert machine_accelerator({'version': 1}, 'tcg').accel == 'tcg'
+    explicit = machine_accelerator({'version': 1}, 'kvm', kvm_device=NO_KVM)
+    assert (explicit.accel, explicit.cpu) == ('kvm', 'host'), 'an explicit choice is not second-guessed'
+    assert machine_accelerator({'version': 1}, 'auto', kvm_device='/dev/null').accel == 'tcg', \
+        'a device that does not answer the KVM ioctl is not KVM'
+    decision = decide_accelerator('auto')
+    argv = build_qemu_args({'version': 1}, DISK, mac=MAC)
+    assert (_opt(argv, '-accel'), _opt(argv, '-cpu')) == ([decision.accel], [decision.cpu])
+    given = build_qemu_args({'version': 1}, DISK, mac=MAC, accel=explicit, kvm_device=NO_KVM)
+    assert (_opt(given, '-accel'), _opt(given, '-cpu')) == (['kvm'], ['host']), 'a decision made is used as is'
 
 
 @needs_qemu
