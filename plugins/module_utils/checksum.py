@@ -195,6 +195,10 @@ def resolve_checksum(spec, target_url, open_download=None, **download_kw):
     the name looked up.  The checksum file is read through ``open_download``
     (default: download.open_download; keyword arguments such as credentials
     or validate_certs are passed on) and may be at most 1 MiB.
+
+    Credentials and headers are the target's: they reach the checksum file
+    only when it is on the target's origin (``credentials_origin`` defaults
+    to ``target_url``), so a checksum published elsewhere never sees them.
     """
     spec = parse_checksum(spec)
     if spec.hexdigest is not None:
@@ -202,6 +206,7 @@ def resolve_checksum(spec, target_url, open_download=None, **download_kw):
     name = _target_name(target_url)
     if open_download is None:
         open_download = _default_open_download
+    download_kw.setdefault('credentials_origin', target_url)
     download_kw.setdefault('hash_algorithms', ())
     download_kw['max_bytes'] = min(download_kw.get('max_bytes') or MAX_CHECKSUM_FILE, MAX_CHECKSUM_FILE)
     with open_download(spec.url, **download_kw) as stream:

@@ -19,7 +19,12 @@ written to disk whole.  While the caller reads, the stream
 * refuses to deliver more than ``max_bytes`` (``DownloadTooLargeError``);
 * always closes its HTTP responses;
 * never shows credentials: ``source``, error messages and log lines carry the
-  URL without its userinfo (see ``redact_url``).
+  URL without its userinfo (see ``redact_url``);
+* keeps credentials with their origin (scheme, host and port): user name and
+  password, URL userinfo and the extra headers go only to the origin they were
+  given for, redirects are followed by the stream itself so that a hop to
+  another origin sends none of them, and Basic auth is only sent once that
+  origin asked for it with a 401 challenge (or ``force_basic_auth``).
 
 ``http://``, ``https://`` and ``file://`` URLs and absolute local paths are
 accepted; local files get the same hashing and size bound.
@@ -38,6 +43,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import abc
+import base64
 import datetime
 import email.utils
 import hashlib
@@ -48,7 +54,7 @@ import stat
 import time
 
 from http.client import HTTPException as _HTTPException
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     DownloadError,
@@ -61,6 +67,8 @@ try:
     import requests
     import requests.auth
     import requests.exceptions
+    import requests.structures
+    import requests.utils
     import urllib3.exceptions
 except ImportError as _exc:  # pragma: no cover - exercised only on bare targets
     requests = None
@@ -76,6 +84,23 @@ HAS_REQUESTS = REQUESTS_IMPORT_ERROR is None
 CHUNK_SIZE = 1024 * 1024
 
 RETRY_STATUSES = frozenset([408, 429])
+REDIRECT_STATUSES = frozenset([301, 302, 303, 307, 308])
+
+# As many hops as urllib (and so get_url) follows; a longer chain is a loop.
+MAX_REDIRECTS = 10
+
+# galaxy.yml's version (a test keeps the two equal): servers and their logs
+# see which client asked, not a generic python-requests.
+COLLECTION_VERSION = '0.1.0'
+DEFAULT_HTTP_AGENT = 'vmimage.qemu/' + COLLECTION_VERSION
+
+# The keys a mirror given as a dict may have (see check_mirrors).
+MIRROR_KEYS = ('url', 'url_username', 'url_password', 'headers')
+
+_SECRET_HEADER_NAMES = frozenset(['authorization', 'proxy-authorization', 'cookie'])
+_SECRET_HEADER_RE = re.compile(r'(?i)token|secret|key|auth|password')
+_BASIC_CHALLENGE_RE = re.compile(r'(?i)(?:^|[\s,])basic(?:\s|,|$)')
+_DEFAULT_PORTS = {'http': 80, 'https': 443}
 
 # How many times a reader starts over from byte 0 (DownloadRestartRequired)
 # before giving up: a server that cannot resume and keeps dropping the
@@ -83,8 +108,9 @@ RETRY_STATUSES = frozenset([408, 429])
 MAX_RESTARTS = 3
 
 __all__ = [
-    'CHUNK_SIZE', 'DownloadStream', 'DownloadRestartRequired', 'DownloadTooLargeError',
-    'HAS_REQUESTS', 'MAX_RESTARTS', 'fetch_first', 'open_download', 'read_all', 'redact_url',
+    'CHUNK_SIZE', 'COLLECTION_VERSION', 'DEFAULT_HTTP_AGENT', 'DownloadStream', 'DownloadRestartRequired',
+    'DownloadTooLargeError', 'HAS_REQUESTS', 'MAX_REDIRECTS', 'MAX_RESTARTS', 'MIRROR_KEYS', 'check_mirrors',
+    'fetch_first', 'is_secret_header', 'open_download', 'origin_of', 'read_all', 'redact_url',
     'restarts_exhausted',
 ]
 
@@ -142,6 +168,93 @@ def _split_userinfo(url):
     user, colon, password = userinfo.partition(':')
     clean = urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
     return clean, unquote(user), (unquote(password) if colon else None)
+
+
+def origin_of(url):
+    """``scheme://host:port`` of an http(s) URL, lowercase and with the default
+    port written out (so ``https://H/`` and ``https://h:443/`` are one origin);
+    None for other URLs and for ones that do not parse."""
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return None
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except (TypeError, ValueError, AttributeError):
+        return None
+    host = parts.hostname
+    if ':' in host:
+        host = '[%s]' % host
+    return '%s://%s:%d' % (scheme, host, port)
+
+
+def is_secret_header(name):
+    """Whether a header's value is a secret that no result or message may show:
+    Authorization, Proxy-Authorization, Cookie and any header whose name holds
+    token, secret, key, auth or password."""
+    name = str(name).lower()
+    return name in _SECRET_HEADER_NAMES or _SECRET_HEADER_RE.search(name) is not None
+
+
+def check_mirrors(mirrors):
+    """The mirror entries as fetch_first() takes them, checked.
+
+    An entry is a URL string, which gets the primary URL's credentials only
+    when it is on the same origin, or a dict with ``url`` and optionally its own
+    ``url_username``, ``url_password`` and ``headers``, which gets exactly those.
+    Anything else raises InvalidOptionError naming the entry (never its values:
+    they may hold a password).
+    """
+    if mirrors is None:
+        return []
+    if isinstance(mirrors, (str, dict)) or not isinstance(mirrors, (list, tuple)):
+        raise InvalidOptionError('mirrors must be a list of URLs or of dicts with url (and optionally '
+                                 'url_username, url_password, headers), got a %s' % type(mirrors).__name__)
+    checked = []
+    for index, entry in enumerate(mirrors):
+        what = 'mirrors[%d]' % index
+        if isinstance(entry, str):
+            if not entry:
+                raise InvalidOptionError('%s is an empty URL' % what)
+            checked.append(entry)
+            continue
+        if not isinstance(entry, dict):
+            raise InvalidOptionError('%s must be a URL or a dict with url (and optionally url_username, '
+                                     'url_password, headers), got a %s' % (what, type(entry).__name__))
+        unknown = sorted(str(k) for k in entry if k not in MIRROR_KEYS)
+        if unknown:
+            raise InvalidOptionError('%s has unknown keys %s; a mirror dict takes %s'
+                                     % (what, ', '.join(unknown), ', '.join(MIRROR_KEYS)))
+        if not isinstance(entry.get('url'), str) or not entry['url']:
+            raise InvalidOptionError('%s needs url, the URL of the mirror (a non-empty string)' % what)
+        for key in ('url_username', 'url_password'):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise InvalidOptionError('%s: %s must be a string, got a %s'
+                                         % (what, key, type(entry[key]).__name__))
+        headers = entry.get('headers')
+        if headers is not None and not isinstance(headers, dict):
+            raise InvalidOptionError('%s: headers must be a dict of header names and values, got a %s'
+                                     % (what, type(headers).__name__))
+        checked.append(dict((key, entry.get(key)) for key in MIRROR_KEYS))
+    return checked
+
+
+def _secret_forms(values):
+    """The texts under which secret values may turn up in a message: as given,
+    stripped, and escaped the way repr() quotes them (requests' InvalidHeader)."""
+    forms = set()
+    for value in values:
+        if value is None:
+            continue
+        value = str(value)
+        forms.update((value, value.strip(), repr(value)[1:-1]))
+    # Longest first, so that a secret holding another is masked whole.
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
+def _basic_auth_value(user, password):
+    token = base64.b64encode(('%s:%s' % (user, password or '')).encode('utf-8'))
+    return 'Basic ' + token.decode('ascii')
 
 
 def _new_hashes(algorithms):
@@ -453,21 +566,98 @@ class _FileStream(DownloadStream):
             self._file = None
 
 
+class _Access(object):
+    """What each request may carry, by the origin it goes to.
+
+    The extra headers belong to one origin (``owner``: where they were given
+    for) and credentials to theirs (``credentials``: origin -> (user,
+    password)); a request to any other origin, first or after a redirect,
+    carries neither.  Basic auth is added only for an origin that answered
+    401 with a Basic challenge (remembered for the resumes that follow), or
+    at once with ``force``: sending a password before the server asked for one
+    hands it to whatever answers at that address.
+    """
+
+    def __init__(self, base_headers, owner, headers, credentials, force, use_netrc, unredirected, secrets):
+        self.base_headers = base_headers
+        self.owner = owner
+        self.headers = headers
+        self.credentials = credentials
+        self.force = force
+        self.use_netrc = use_netrc
+        self.unredirected = unredirected
+        self.secrets = secrets
+        self.challenged = set()
+
+    def credentials_for(self, url):
+        origin = origin_of(url)
+        if origin not in self.credentials and self.use_netrc:
+            # requests looks the host up in ~/.netrc (or $NETRC) itself: the
+            # entry is that host's own, so it stays with it after a redirect.
+            found = requests.utils.get_netrc_auth(url)
+            self.credentials[origin] = found or None
+            if found:
+                self.secrets.extend(_secret_forms([found[1]]))
+        return self.credentials.get(origin)
+
+    def headers_for(self, url, redirected):
+        headers = requests.structures.CaseInsensitiveDict(self.base_headers)
+        origin = origin_of(url)
+        if origin == self.owner:
+            headers.update(self.headers)
+        # An Authorization header given by the caller (a token) wins over Basic.
+        if 'Authorization' not in headers and (self.force or origin in self.challenged):
+            found = self.credentials_for(url)
+            if found:
+                headers['Authorization'] = _basic_auth_value(*found)
+        if redirected:
+            # None also removes what requests would add by itself.
+            for name in self.unredirected:
+                headers[name] = None
+        return headers
+
+    def may_answer_challenge(self, url, resp):
+        """True (and remembered) when a 401 asks for Basic auth that we can give and did not send."""
+        origin = origin_of(url)
+        if origin in self.challenged or self.force:
+            return False
+        if not _BASIC_CHALLENGE_RE.search(resp.headers.get('WWW-Authenticate') or ''):
+            return False
+        if origin == self.owner and 'Authorization' in requests.structures.CaseInsensitiveDict(self.headers):
+            return False
+        if not self.credentials_for(url):
+            return False
+        self.challenged.add(origin)
+        return True
+
+    def sent_credentials(self, url):
+        origin = origin_of(url)
+        if origin == self.owner and 'Authorization' in requests.structures.CaseInsensitiveDict(self.headers):
+            return True
+        return (self.force or origin in self.challenged) and bool(self.credentials.get(origin))
+
+
+def _no_environment_auth(request):
+    """Given as ``auth`` so that requests adds no credentials of its own: it
+    would send ~/.netrc's at once, before any challenge (_Access decides)."""
+    return request
+
+
 class _HttpStream(DownloadStream):
     """HTTP(S) with retries, Range resume and restart (see DownloadStream)."""
 
-    def __init__(self, url, source, session, request_kw, headers, retries, backoff_base,
-                 backoff_max, sleep, secrets, **kw):
+    def __init__(self, url, source, session, request_kw, access, retries, backoff_base,
+                 backoff_max, sleep, **kw):
         super(_HttpStream, self).__init__(source, **kw)
         self._url = url
         self._session = session
         self._request_kw = request_kw
-        self._headers = headers
+        self._access = access
+        self._secrets = access.secrets
         self._retries = retries
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._sleep = sleep
-        self._secrets = secrets
         self._resp = None
         self._validator = None
         # Set when a resume answer could not be trusted: ask for the whole body.
@@ -509,14 +699,14 @@ class _HttpStream(DownloadStream):
         """Get a response whose body continues at bytes_read (or restart)."""
         while True:
             offset = self.bytes_read
-            headers = dict(self._headers)
+            headers = {}
             ranged = offset > 0 and self._validator is not None and not self._want_full
             if ranged:
                 headers['Range'] = 'bytes=%d-' % offset
                 headers['If-Range'] = self._validator
             self.attempts += 1
             try:
-                resp = self._session.get(self._url, headers=headers, stream=True, **self._request_kw)
+                resp, url = self._request(headers)
             except _fatal_request_errors() as exc:
                 raise self._error(self._describe(exc))
             except _transport_errors() as exc:
@@ -528,6 +718,9 @@ class _HttpStream(DownloadStream):
                 resp.close()
                 self._retry_or_fail(self._status_text(resp), retry_after)
                 continue
+            if status == 401:
+                resp.close()
+                raise self._error(self._unauthorized(url, resp), status=status)
             if status not in (200, 206):
                 resp.close()
                 raise self._error(self._status_text(resp), status=status)
@@ -569,6 +762,49 @@ class _HttpStream(DownloadStream):
             restart.reason = reason
             restart.attempts = self.attempts
             raise restart
+
+    def _request(self, extra_headers):
+        """(response, its URL) for the stream's URL, after redirects and a Basic challenge.
+
+        Redirects are followed here rather than by requests, which would keep
+        sending the extra headers (and netrc credentials) to another origin.
+        """
+        url = self._url
+        redirects = 0
+        while True:
+            headers = self._access.headers_for(url, redirects > 0)
+            headers.update(extra_headers)
+            resp = self._session.get(url, headers=headers, stream=True, **self._request_kw)
+            location = resp.headers.get('Location')
+            if resp.status_code in REDIRECT_STATUSES and location:
+                resp.close()
+                redirects += 1
+                if redirects > MAX_REDIRECTS:
+                    raise self._error('more than %d redirects (last to %s)'
+                                      % (MAX_REDIRECTS, redact_url(location)[:200]))
+                # Userinfo in a Location is the server's idea, never ours to send.
+                url = _split_userinfo(urljoin(url, location.strip()))[0]
+                if origin_of(url) is None:
+                    raise self._error('redirected to %s, which is not an http:// or https:// URL'
+                                      % redact_url(url)[:200])
+                continue
+            if resp.status_code == 401 and self._access.may_answer_challenge(url, resp):
+                resp.close()
+                continue
+            return resp, url
+
+    def _unauthorized(self, url, resp):
+        origin = origin_of(url)
+        status = self._status_text(resp)
+        if self._access.sent_credentials(url):
+            return '%s: %s rejected the credentials' % (status, origin)
+        challenge = resp.headers.get('WWW-Authenticate') or ''
+        if challenge and not _BASIC_CHALLENGE_RE.search(challenge):
+            scheme = ''.join(c for c in challenge.split(None, 1)[0] if c.isprintable())[:40]
+            return ('%s: %s asks for %s authentication; only Basic (url_username/url_password) is done here, '
+                    'other schemes need their Authorization header in headers' % (status, origin, scheme))
+        return ('%s: %s asks for authentication and no credentials were given for it (url_username and '
+                'url_password, or user information in the URL; a mirror needs its own)' % (status, origin))
 
     def _body_start(self, resp):
         """(first byte offset, total size or None, problem or None) of a 200/206."""
@@ -667,13 +903,26 @@ def _fatal_request_errors():
 def open_download(url, headers=None, url_username=None, url_password=None, validate_certs=True,
                   ca_path=None, client_cert=None, client_key=None, timeout=30, retries=8,
                   backoff_base=0.2, backoff_max=60.0, hash_algorithms=('sha256',), max_bytes=None,
-                  sleep=time.sleep, logger=None):
+                  sleep=time.sleep, logger=None, credentials_origin=None, force_basic_auth=False,
+                  use_proxy=True, use_netrc=True, http_agent=None, unredirected_headers=None):
     """Open ``url`` for streaming and return a ``DownloadStream``.
 
     url              http(s)://, file:// or an absolute path; userinfo in the
                      URL is used for basic auth and never shown
     headers          extra request headers (not Range/If-Range: the stream owns them)
     url_username/url_password  HTTP basic auth (override the URL's userinfo)
+    credentials_origin  the URL that headers, url_username/url_password (and
+                     its own userinfo) were given for: they are sent only to
+                     its origin (scheme, host, port).  Default: ``url``.  A
+                     mirror or a checksum file names the primary URL here, so
+                     it gets them only when it is on the same origin.
+    force_basic_auth send Basic auth with the first request instead of
+                     waiting for the server's 401 challenge
+    use_proxy        False ignores the *_proxy environment variables
+    use_netrc        False ignores ~/.netrc (or $NETRC); its entries are per
+                     host and used, like other credentials, on a challenge
+    http_agent       User-Agent (default DEFAULT_HTTP_AGENT)
+    unredirected_headers  header names (any case) not sent after a redirect
     validate_certs/ca_path     TLS verification; ca_path a CA bundle file or dir
     client_cert/client_key     TLS client certificate (key may be inside cert)
     timeout          seconds for connect and for each read (or a (connect, read) tuple)
@@ -685,9 +934,11 @@ def open_download(url, headers=None, url_username=None, url_password=None, valid
     logger           logging.Logger-like (``.warning``) or callable(msg) for
                      retry/resume/restart notes; None for silence
 
-    The first request is made here, so a missing file, a 404 or a refused
-    connection (after retries) raises DownloadError from this call.  Proxies
-    come from the environment as in requests (``*_proxy``, ``no_proxy``).
+    The first request is made here, so a missing file, a 404, a 401 or a
+    refused connection (after retries) raises DownloadError from this call.
+    Redirects (at most MAX_REDIRECTS) are followed to http(s) URLs only.
+    Proxies come from the environment as in requests (``*_proxy``,
+    ``no_proxy``) unless ``use_proxy`` is False.
     """
     if not isinstance(url, str) or not url:
         raise InvalidOptionError('url must be a non-empty string (http://, https://, file:// or an absolute path), '
@@ -723,18 +974,40 @@ def open_download(url, headers=None, url_username=None, url_password=None, valid
         if name.lower() in ('range', 'if-range'):
             raise InvalidOptionError('headers: %s is managed by the download itself (resume); leave it out'
                                      % name)
+    unredirected = []
+    for name in unredirected_headers or ():
+        if not isinstance(name, str) or not name:
+            raise InvalidOptionError('unredirected_headers must be header names, got %r' % (name,))
+        unredirected.append(name)
     # The raw bytes are what Range offsets, Content-Length and the published
     # checksum refer to: ask servers not to compress them on the fly.
-    headers.setdefault('Accept-Encoding', 'identity')
+    base_headers = {'Accept-Encoding': 'identity',
+                    'User-Agent': DEFAULT_HTTP_AGENT if http_agent is None else http_agent}
 
-    clean_url, user, password = _split_userinfo(url)
+    clean_url, own_user, own_password = _split_userinfo(url)
+    target = origin_of(clean_url)
+    if target is None:
+        raise _download_error(source, 'invalid URL (no host)')
+    owner = target
+    user = password = None
+    if credentials_origin is not None:
+        owner = origin_of(credentials_origin)
+        if owner is not None:
+            dummy, user, password = _split_userinfo(credentials_origin)
+    credentials = {}
+    if own_user is not None:
+        credentials[target] = (own_user, own_password)
+    if owner == target and own_user is not None:
+        user, password = own_user, (own_password if own_password is not None else password)
     if url_username is not None:
         user = url_username
     if url_password is not None:
         password = url_password
-    auth = None
     if user is not None:
-        auth = requests.auth.HTTPBasicAuth(user, password or '')
+        credentials[owner] = (user, password or '')
+    secrets = _secret_forms([password, own_password] + [v for k, v in headers.items() if is_secret_header(k)])
+    access = _Access(base_headers, owner, headers, credentials, force_basic_auth, use_netrc, unredirected,
+                     secrets)
 
     if validate_certs:
         verify = ca_path if ca_path else True
@@ -748,10 +1021,15 @@ def open_download(url, headers=None, url_username=None, url_password=None, valid
         timeout = (timeout, timeout)
 
     session = requests.Session()
-    request_kw = dict(timeout=tuple(timeout), verify=verify, cert=cert, auth=auth,
-                      allow_redirects=True)
-    stream = _HttpStream(clean_url, source, session, request_kw, headers, retries, backoff_base,
-                         backoff_max, sleep, [s for s in (password,) if s], **stream_kw)
+    request_kw = dict(timeout=tuple(timeout), verify=verify, cert=cert, auth=_no_environment_auth,
+                      allow_redirects=False)
+    if not use_proxy:
+        # requests fills in only the schemes left unset and then drops the
+        # None ones: no proxy at all, while the rest of the environment
+        # (REQUESTS_CA_BUNDLE) still counts.
+        request_kw['proxies'] = dict.fromkeys(('http', 'https', 'all'), None)
+    stream = _HttpStream(clean_url, source, session, request_kw, access, retries, backoff_base,
+                         backoff_max, sleep, **stream_kw)
     try:
         stream._connect()  # the first request happens here, so a 404 fails the open
     except BaseException:
@@ -763,22 +1041,36 @@ def open_download(url, headers=None, url_username=None, url_password=None, valid
 def fetch_first(urls, **kw):
     """Open the first of ``urls`` that answers; keyword arguments as open_download().
 
-    Put mirrors first and the primary URL last.  Each URL gets its own retries;
-    one that still fails moves on to the next.  Once a stream is returned it
-    stays on that URL (resume and restart included): switching hosts mid-body
-    would splice two copies.  When all fail, the DownloadError lists every URL
-    tried (redacted) with its reason; with a single URL its own error is raised.
+    Put mirrors first and the primary URL last.  An entry is a URL or a dict
+    from check_mirrors(): a dict is opened with its own url_username,
+    url_password and headers only; a URL with the keyword ones, which belong
+    to ``credentials_origin`` (default: the last entry, the primary), so a
+    mirror on another origin gets none.  Each URL gets its own retries; one
+    that still fails moves on to the next.  Once a stream is returned it stays
+    on that URL (resume and restart included): switching hosts mid-body would
+    splice two copies.  When all fail, the DownloadError lists every URL tried
+    (redacted) with its reason; with a single URL its own error is raised.
     """
-    if isinstance(urls, str):
+    if isinstance(urls, (str, dict)):
         urls = [urls]
-    urls = list(urls)
+    urls = check_mirrors(list(urls))
     if not urls:
         raise ValueError('fetch_first needs at least one URL')
+    if kw.get('credentials_origin') is None:
+        last = urls[-1]
+        kw['credentials_origin'] = last['url'] if isinstance(last, dict) else last
     logger = kw.get('logger')
+    own_kw = dict((k, v) for k, v in kw.items() if k not in MIRROR_KEYS and k != 'credentials_origin')
     failures = []
-    for url in urls:
+    for entry in urls:
+        if isinstance(entry, dict):
+            url = entry['url']
+            entry_kw = dict(own_kw, url_username=entry['url_username'], url_password=entry['url_password'],
+                            headers=entry['headers'])
+        else:
+            url, entry_kw = entry, kw
         try:
-            return open_download(url, **kw)
+            return open_download(url, **entry_kw)
         except DownloadError as exc:
             if len(urls) == 1:
                 raise

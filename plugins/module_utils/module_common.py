@@ -13,6 +13,8 @@ __metaclass__ = type
 
 import traceback
 
+from urllib.parse import unquote, urlsplit
+
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import VmImageError, os_error
 
 # Same value as store.DEFAULT_STORE (a test checks it), written out so that
@@ -33,6 +35,12 @@ HTTP_ARGUMENT_SPEC = dict(
     client_key=dict(type='path', no_log=False),
     timeout=dict(type='int', default=30),
     retries=dict(type='int', default=8),
+    force_basic_auth=dict(type='bool', default=False),
+    use_proxy=dict(type='bool', default=True),
+    use_netrc=dict(type='bool', default=True),
+    # None: download.DEFAULT_HTTP_AGENT, which names this collection's version.
+    http_agent=dict(type='str'),
+    unredirected_headers=dict(type='list', elements='str', default=[]),
 )
 
 
@@ -54,7 +62,55 @@ def download_options(params):
         ca_path=params.get('ca_path'),
         client_cert=params.get('client_cert'),
         client_key=params.get('client_key'),
+        force_basic_auth=params.get('force_basic_auth', False),
+        use_proxy=params.get('use_proxy', True),
+        use_netrc=params.get('use_netrc', True),
+        http_agent=params.get('http_agent'),
+        unredirected_headers=params.get('unredirected_headers') or None,
     )
+
+
+def secret_values(params):
+    """The secrets in a module's params that no_log cannot mark, for
+    ``module.no_log_values``: values of secret headers (download.is_secret_header)
+    in ``headers`` and in mirror entries, mirror passwords (any key of a mirror
+    entry named like a secret header), and passwords in the userinfo of
+    ``url`` and of the mirrors.  Ansible's no_log reaches
+    nested options only of ``elements: dict`` lists, and ``mirrors`` also
+    takes strings.  Never raises on malformed params: it runs before they
+    are checked."""
+    # Imported here: the other modules use this file without the HTTP stack.
+    from ansible_collections.vmimage.qemu.plugins.module_utils.download import is_secret_header
+
+    found = set()
+
+    def add_headers(headers):
+        if isinstance(headers, dict):
+            found.update(str(value) for name, value in headers.items()
+                         if is_secret_header(name) and value not in (None, ''))
+
+    def add_url(url):
+        try:
+            password = urlsplit(url).password if isinstance(url, str) else None
+        except ValueError:
+            return
+        if password:
+            found.update((password, unquote(password)))
+
+    add_headers(params.get('headers'))
+    add_url(params.get('url'))
+    mirrors = params.get('mirrors')
+    for entry in mirrors if isinstance(mirrors, (list, tuple)) else ():
+        if isinstance(entry, dict):
+            add_url(entry.get('url'))
+            add_headers(entry.get('headers'))
+            # url_password, and a misspelt key that says it holds a secret:
+            # the entry is refused, but the invocation still shows it.
+            add_headers(dict((key, value) for key, value in entry.items()
+                             if key != 'headers' and isinstance(value, (str, int, float))))
+        else:
+            add_url(entry)
+    return found
 
 
 def error_result(exc):

@@ -382,14 +382,20 @@ class ImageStore(object):
 
         Returns a FetchResult.  With check_mode nothing is written and nothing
         downloaded; ``changed`` says what a real run would do.
+
+        ``mirrors`` are URLs or dicts with their own credentials (see
+        download.check_mirrors); the credentials and headers in
+        ``download_options`` are those of ``url`` and reach a mirror or the
+        checksum file only on the same origin.
         """
         # The HTTP stack (requests, urllib3) is imported only by fetches: the
         # other users of the store (instances, info) stay cheap to start.
         from ansible_collections.vmimage.qemu.plugins.module_utils.checksum import parse_checksum
-        from ansible_collections.vmimage.qemu.plugins.module_utils.download import redact_url
+        from ansible_collections.vmimage.qemu.plugins.module_utils.download import check_mirrors, redact_url
         source = redact_url(url)
         alias = check_alias(alias or 'url:' + source)
         spec = parse_checksum(checksum) if checksum else None
+        mirrors = check_mirrors(mirrors)
         with os_errors('fetch %s into store' % source, self.root, StoreError):
             return self._fetch(url, source, alias, spec, checksum or None, mirrors, force, check_mode, retries,
                                timeout, download_options, sleep)
@@ -438,6 +444,7 @@ class ImageStore(object):
         )
         kw = dict(download_options)
         kw.update(retries=retries, timeout=timeout)
+        kw.setdefault('credentials_origin', url)
         if sleep is not None:
             kw['sleep'] = sleep
         expected = spec

@@ -38,19 +38,33 @@ options:
     description:
       - Where the archive is. C(http://), C(https://), C(file://) or an absolute path on the target.
       - User information in the URL is used for authentication and stripped from every result.
+      - It, O(url_username), O(url_password) and O(headers) are sent only to the origin (scheme, host and port)
+        of this URL; see O(mirrors) and O(checksum) for the other URLs.
       - Required when O(state=present), and when O(state=absent) without O(image_id).
     type: str
   mirrors:
     description:
-      - URLs tried in order before O(url). The first that answers is used for the whole download.
+      - Sources tried in order before O(url). The first that answers is used for the whole download.
+      - Each entry is either a URL, or a dict with the key C(url) and optionally the keys C(url_username),
+        C(url_password) and C(headers) (a dict), which work as the options of the same names but only for
+        that mirror's origin.
+      - A URL entry gets the credentials and headers of O(url) (O(url_username), O(url_password), user
+        information in O(url), O(headers)) only when it has the same origin (scheme, host and port) as O(url);
+        a dict entry gets exactly its own, none of O(url)'s.
+      - Passwords, user information passwords and secret header values (see O(headers)) of the entries are
+        never shown in results or in the logged invocation.
+      - An entry that is neither a URL nor such a dict fails with RV(error_kind=invalid_option) naming it
+        (C(mirrors[1])).
     type: list
-    elements: str
+    elements: raw
     default: []
   checksum:
     description:
       - Expected digest of the archive, C(<algorithm>:<hex>) (V(sha256) or V(sha512) recommended), or
         C(<algorithm>:<URL>) of a checksum file in GNU (C(<hex>  <name>)) or BSD (C(SHA256 (<name>) = <hex>)) format,
         looked up by the file name of O(url).
+      - The checksum file URL gets the credentials and headers of O(url) only when it has the same origin
+        (scheme, host and port); give credentials in its own user information otherwise.
       - With a hex digest, an image with that digest already in the store is used without any download.
       - A mismatch fails and leaves nothing behind.
     type: str
@@ -109,6 +123,18 @@ EXAMPLES = r'''
     url: https://registry.example.com/images/win11.tar.zst
     url_username: ci
     url_password: "{{ vault_registry_password }}"
+    image_id: win11
+
+- name: A token for the primary, other credentials for a mirror, none for a public mirror
+  vmimage.qemu.vm_image_fetch:
+    url: https://registry.example.com/images/win11.tar.zst
+    headers:
+      Authorization: "Bearer {{ vault_registry_token }}"
+    mirrors:
+      - url: https://cache.lan/images/win11.tar.zst
+        url_username: cache
+        url_password: "{{ vault_cache_password }}"
+      - https://mirror.example.org/images/win11.tar.zst
     image_id: win11
 
 - name: Drop an image that no instance uses any more
@@ -189,11 +215,11 @@ error_kind:
 import time
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.six.moves.urllib.parse import unquote, urlsplit
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.download import redact_url
 from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import (
     HTTP_ARGUMENT_SPEC, STORE_ARGUMENT_SPEC, argument_spec, download_options, error_result, image_result,
+    secret_values,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore
 
@@ -203,25 +229,25 @@ def _diff(alias, before, after):
                 after='%s: %s\n' % (alias, after or '(absent)'))
 
 
-def _hide_url_passwords(module, urls):
-    """Passwords in URL userinfo are secrets too: mask them everywhere Ansible
-    prints values (invocation, results, errors), as no_log does for options."""
-    for url in urls:
-        try:
-            password = urlsplit(url or '').password
-        except ValueError:
-            continue
-        if password:
-            module.no_log_values.add(password)
-            module.no_log_values.add(unquote(password))
+class _FetchModule(AnsibleModule):
+    """AnsibleModule that knows the secrets no_log cannot mark (secret_values:
+    URL userinfo, secret headers, mirror passwords) before it logs the
+    invocation on the target, which __init__ does; results, the invocation
+    they carry and errors are then masked like no_log options."""
+
+    def _log_invocation(self):
+        self.no_log_values.update(secret_values(self.params))
+        super(_FetchModule, self)._log_invocation()
 
 
 def main():
-    module = AnsibleModule(
+    module = _FetchModule(
         argument_spec=argument_spec(
             STORE_ARGUMENT_SPEC, HTTP_ARGUMENT_SPEC,
             url=dict(type='str'),
-            mirrors=dict(type='list', elements='str', default=[]),
+            # Strings or dicts (download.check_mirrors checks them): no_log
+            # cannot reach into raw elements, secret_values() masks instead.
+            mirrors=dict(type='list', elements='raw', default=[]),
             checksum=dict(type='str'),
             image_id=dict(type='str'),
             state=dict(type='str', choices=['present', 'absent'], default='present'),
@@ -233,7 +259,8 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
-    _hide_url_passwords(module, [p['url']] + list(p['mirrors']))
+    # Again here: without _log_invocation (module-wide no_log) the results still need it.
+    module.no_log_values.update(secret_values(p))
     started = time.monotonic()
     image_id = p['image_id'] or 'url:' + redact_url(p['url'])
     try:

@@ -42,7 +42,7 @@ class PlaybookRun(object):
         return len(self.results)
 
 
-def _ansible_playbook(plays, tmp_path, name, check, diff, extra_vars, env):
+def _ansible_playbook(plays, tmp_path, name, check, diff, extra_vars, env, verbosity=0):
     """Write ``plays`` to a playbook in tmp_path, run it on localhost with the
     recording callback; return (process, parsed JSON record)."""
     tmp_path = str(tmp_path)
@@ -59,25 +59,31 @@ def _ansible_playbook(plays, tmp_path, name, check, diff, extra_vars, env):
         cmd.append('--check')
     if diff:
         cmd.append('--diff')
+    if verbosity:
+        cmd.append('-' + 'v' * verbosity)
     proc = subprocess.run(cmd, env=ansible_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=600, check=False)
     try:
-        doc = json.loads(proc.stdout[proc.stdout.index('{'):])
+        # The callback's document is the last thing printed; with -v and more,
+        # other output (configuration, connection lines) comes before it.
+        doc = json.loads(proc.stdout[proc.stdout.rindex('{"plays"'):])
     except ValueError:
         raise AssertionError('ansible-playbook printed no JSON (rc %d):\n%s\n%s'
                              % (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
     return proc, doc
 
 
-def run_playbook(tasks, tmp_path, check=False, diff=False, extra_vars=None, env=None, expect_failure=False):
+def run_playbook(tasks, tmp_path, check=False, diff=False, extra_vars=None, env=None, expect_failure=False,
+                 verbosity=0):
     """Run ``tasks`` (a list of task dicts) on localhost; return PlaybookRun
-    whose ``results`` are the per-task result dicts in order."""
+    whose ``results`` are the per-task result dicts in order.  ``verbosity``
+    3 runs with -vvv (what secrets must survive)."""
     play = [{
         'hosts': 'localhost', 'connection': 'local', 'gather_facts': False,
         'vars': dict({'ansible_python_interpreter': sys.executable}, **(extra_vars or {})),
         'tasks': tasks,
     }]
-    proc, doc = _ansible_playbook(play, tmp_path, 'play', check, diff, None, env)
+    proc, doc = _ansible_playbook(play, tmp_path, 'play', check, diff, None, env, verbosity)
     results = [t['hosts']['localhost'] for t in doc['plays'][0]['tasks']]
     if proc.returncode != 0 and not expect_failure:
         raise AssertionError('ansible-playbook failed (rc %d): %s\n%s'

@@ -22,7 +22,8 @@ Accept-Ranges, ETag and Last-Modified.  Faults, per path (counters count
 requests to that path, in order; each fault's budget is used up only by the
 requests it actually hit):
 
-    status=404                always answer this status
+    status=404                always answer this status (with ``headers``, e.g.
+                              status=302, headers={'Location': url} for a redirect)
     auth=('user', 'pw')       basic auth required (401 otherwise)
     fail_first=N, fail_status=503      the first N requests get fail_status
     retry_after=S, retry_after_first=1 the first N requests get 429, Retry-After: S
@@ -40,6 +41,10 @@ requests it actually hit):
 Every request is recorded (``requests``, ``requests_for(path)``) with method,
 path, headers, Range, If-Range, status and the body bytes actually sent; reading the
 records first waits for requests still being answered, so they are complete.
+
+``LocalHTTPServer(host='127.0.0.2')`` serves on another loopback address: a
+second origin for the tests of what crosses from one origin to another (all of
+127/8 is loopback on Linux).
 
 Run as a script to serve a directory (for demos and benchmarks):
 ``python tests/support/http_server.py --port 0 --dir DIR`` prints the base URL.
@@ -191,8 +196,9 @@ class _Handler(BaseHTTPRequestHandler):
 class LocalHTTPServer(object):
     """Threaded HTTP/1.1 server bound to 127.0.0.1 (ephemeral port by default)."""
 
-    def __init__(self, root=None, port=0, verbose=False):
+    def __init__(self, root=None, port=0, verbose=False, host='127.0.0.1'):
         self.root = os.path.realpath(root) if root else None
+        self.host = host
         self.verbose = verbose
         self._port = port
         self._resources = {}
@@ -208,7 +214,7 @@ class LocalHTTPServer(object):
     # -- lifecycle -----------------------------------------------------
 
     def start(self):
-        self._server = _ThreadingServer(('127.0.0.1', self._port), _Handler)
+        self._server = _ThreadingServer((self.host, self._port), _Handler)
         self._server.owner = self
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={'poll_interval': 0.05},
                                         name='LocalHTTPServer')
@@ -247,7 +253,7 @@ class LocalHTTPServer(object):
     @property
     def url(self):
         """Base URL, without a trailing slash."""
-        return 'http://127.0.0.1:%d' % self.port
+        return 'http://%s:%d' % (self.host, self.port)
 
     def url_for(self, path, username=None, password=None):
         """Full URL of a path, optionally with userinfo."""
@@ -257,7 +263,7 @@ class LocalHTTPServer(object):
             if password is not None:
                 userinfo += ':' + quote(password, safe='')
             userinfo += '@'
-        return 'http://%s127.0.0.1:%d%s' % (userinfo, self.port, quote(path))
+        return 'http://%s%s:%d%s' % (userinfo, self.host, self.port, quote(path))
 
     # -- content and records -------------------------------------------
 
@@ -349,7 +355,7 @@ class LocalHTTPServer(object):
                 return self._simple(handler, record, 401,
                                     {'WWW-Authenticate': 'Basic realm="vmimage-test"'})
         if resource.status is not None:
-            return self._simple(handler, record, resource.status)
+            return self._simple(handler, record, resource.status, resource.headers)
         # Set for every request although only a delivered body uses them: a
         # fault returns before that, which static checkers cannot follow.
         generation, cut, slow = 0, None, None

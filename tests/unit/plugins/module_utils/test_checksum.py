@@ -136,8 +136,8 @@ def test_resolve_checksum_from_a_server(http_server):
 def test_resolve_checksum_with_credentials_and_bsd_file(http_server, tmp_path):
     http_server.add('/CHECKSUM', ('SHA512 (image.tar.zst) = %s\n' % HEX['sha512']).encode(),
                     auth=('u', 'pw'))
-    spec = cs.resolve_checksum('sha512:' + http_server.url_for('/CHECKSUM'), '/srv/image.tar.zst',
-                               url_username='u', url_password='pw')
+    spec = cs.resolve_checksum('sha512:' + http_server.url_for('/CHECKSUM'),
+                               http_server.url_for('/srv/image.tar.zst'), url_username='u', url_password='pw')
     assert spec.hexdigest == HEX['sha512']
     sums = tmp_path / 'sums'
     sums.write_text('%s\n' % HEX['md5'])
@@ -163,7 +163,28 @@ def test_resolve_checksum_is_bounded(http_server):
     url = http_server.add('/small', ('%s  image.tar.zst\n' % HEX['sha256']).encode())
     cs.resolve_checksum('sha256:' + url, 'https://h/image.tar.zst', open_download=fake_open,
                         max_bytes=10 ** 12, timeout=5)
-    assert calls == [{'max_bytes': cs.MAX_CHECKSUM_FILE, 'timeout': 5, 'hash_algorithms': ()}]
+    assert calls == [{'max_bytes': cs.MAX_CHECKSUM_FILE, 'timeout': 5, 'hash_algorithms': (),
+                      'credentials_origin': 'https://h/image.tar.zst'}]
+
+
+def test_checksum_file_gets_the_targets_credentials_only_on_its_origin(http_server):
+    sums = ('%s  image.tar.zst\n' % HEX['sha256']).encode()
+    secret = dict(url_username='u', url_password='pw', headers={'X-Api-Token': 'tok', 'X-Trace': 't'},
+                  force_basic_auth=True)
+    with LocalHTTPServer(host='127.0.0.2') as elsewhere:
+        url = elsewhere.add('/SHA256SUMS', sums)
+        assert cs.resolve_checksum('sha256:' + url, http_server.url_for('/image.tar.zst'), **secret).hexdigest
+        seen = elsewhere.requests[0].headers
+        assert not set(seen) & {'authorization', 'x-api-token', 'x-trace'}
+    url = http_server.add('/SHA256SUMS', sums, auth=('u', 'pw'))
+    assert cs.resolve_checksum('sha256:' + url, http_server.url_for('/image.tar.zst'), **secret).hexdigest
+    seen = http_server.requests[0].headers
+    assert seen['authorization'].startswith('Basic ') and seen['x-api-token'] == 'tok' and seen['x-trace'] == 't'
+    # Credentials in the target URL count as the target's too.
+    http_server.clear_requests()
+    target = http_server.url_for('/image.tar.zst', 'u', 'pw')
+    assert cs.resolve_checksum('sha256:' + url, target).hexdigest
+    assert [r.status for r in http_server.requests] == [401, 200]
 
 
 def test_resolve_checksum_hex_needs_no_download():

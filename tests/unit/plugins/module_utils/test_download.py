@@ -7,6 +7,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import base64
 import hashlib
 import http.client
 import os
@@ -24,6 +25,7 @@ import requests
 from ansible_collections.vmimage.qemu.plugins.module_utils import download as dl
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     DownloadError,
+    InvalidOptionError,
     LimitExceededError,
     MissingLibraryError,
 )
@@ -68,6 +70,10 @@ def read_all(stream, size=64 * 1024):
         if not chunk:
             return b''.join(parts)
         parts.append(chunk)
+
+
+def basic(user, password):
+    return 'Basic ' + base64.b64encode(('%s:%s' % (user, password)).encode()).decode()
 
 
 def closed_port():
@@ -467,7 +473,9 @@ def test_basic_auth_with_url_credentials_and_arguments(http_server, sleeps):
         assert read_all(stream) == DATA
     with fetch(http_server.url_for('/img'), sleeps, url_username='alice', url_password=PASSWORD) as stream:
         assert read_all(stream) == DATA
-    assert all(r.authorization and r.authorization.startswith('Basic ') for r in http_server.requests)
+    # Each time the password waits for the server's challenge.
+    assert [r.authorization for r in http_server.requests] == [None, basic('alice', PASSWORD)] * 2
+    assert [r.status for r in http_server.requests] == [401, 200] * 2
 
 
 def test_credentials_never_in_errors_source_or_logs(http_server, sleeps):
@@ -543,6 +551,240 @@ def test_fetch_first_single_url_raises_its_own_error(http_server, sleeps):
     url = http_server.add('/img', DATA)
     with pytest.raises(dl.DownloadTooLargeError):
         dl.fetch_first(url, max_bytes=10, sleep=sleeps.append)
+
+
+# -- credentials stay with their origin -------------------------------------
+
+TOKEN = 'tok-9f8e7d6c'
+GIVEN_HEADERS = {'Authorization-Token': TOKEN, 'X-Trace': 'trace-1'}
+
+
+@pytest.fixture
+def other_server():
+    """A second origin: same scheme, another loopback address."""
+    with LocalHTTPServer(host='127.0.0.2') as server:
+        yield server
+
+
+def carried(request):
+    """What a recorded request carried of the credentials the tests give."""
+    return dict((k, v) for k, v in request.headers.items() if k in ('authorization', 'authorization-token', 'x-trace'))
+
+
+def test_origin_of_normalises_default_ports():
+    assert dl.origin_of('https://H.example/a') == dl.origin_of('https://h.example:443/b') == 'https://h.example:443'
+    assert dl.origin_of('http://u:p@h:80/x') == 'http://h:80'
+    assert dl.origin_of('http://[::1]/x') == 'http://[::1]:80'
+    assert dl.origin_of('http://h:8080/') != dl.origin_of('http://h/')
+    assert dl.origin_of('https://h/') != dl.origin_of('http://h:443/')
+    assert dl.origin_of('/local/path') is None and dl.origin_of('http://h:99999/') is None
+
+
+def test_is_secret_header():
+    for name in ('Authorization', 'proxy-authorization', 'Cookie', 'X-Api-Key', 'PRIVATE-TOKEN', 'X-Secret',
+                 'X-Auth-User', 'X-Password'):
+        assert dl.is_secret_header(name), name
+    for name in ('Accept', 'X-Trace', 'User-Agent'):
+        assert not dl.is_secret_header(name), name
+
+
+def test_force_basic_auth_sends_the_credentials_at_once(http_server, sleeps):
+    http_server.add('/img', DATA, auth=('alice', PASSWORD))
+    with fetch(http_server.url_for('/img'), sleeps, url_username='alice', url_password=PASSWORD,
+               force_basic_auth=True) as stream:
+        assert read_all(stream) == DATA
+    assert [r.authorization for r in http_server.requests] == [basic('alice', PASSWORD)]
+
+
+def test_challenge_is_remembered_for_resumes(http_server, sleeps):
+    http_server.add('/img', DATA, auth=('alice', PASSWORD), cut_after=1000)
+    with fetch(http_server.url_for('/img'), sleeps, url_username='alice', url_password=PASSWORD) as stream:
+        assert read_all(stream) == DATA
+    assert [(r.status, r.authorization is not None) for r in http_server.requests] == [
+        (401, False), (200, True), (206, True)]
+
+
+def test_401_without_credentials_is_a_clear_download_error(http_server, sleeps):
+    url = http_server.add('/img', DATA, auth=('alice', PASSWORD))
+    with pytest.raises(DownloadError) as info:
+        fetch(url, sleeps)
+    assert info.value.status == 401 and info.value.kind == 'download'
+    assert str(info.value) == (
+        'download of %s failed: HTTP 401 Unauthorized: http://127.0.0.1:%d asks for authentication and no '
+        'credentials were given for it (url_username and url_password, or user information in the URL; '
+        'a mirror needs its own)' % (url, http_server.port))
+    with pytest.raises(DownloadError, match='rejected the credentials'):
+        fetch(url, sleeps, url_username='alice', url_password='wrong')
+    assert sleeps == []
+
+
+def test_401_with_another_scheme_names_it(http_server, sleeps):
+    url = http_server.add('/img', status=401, headers={'WWW-Authenticate': 'Bearer realm="x"'})
+    with pytest.raises(DownloadError, match='asks for Bearer authentication') as info:
+        fetch(url, sleeps, url_username='alice', url_password=PASSWORD)
+    assert info.value.status == 401
+    assert [r.authorization for r in http_server.requests] == [None]
+
+
+def test_mirror_on_another_origin_gets_no_credentials(http_server, other_server, sleeps):
+    primary = http_server.add('/img', DATA, auth=('alice', PASSWORD))
+    mirror = other_server.add('/img', DATA)
+    with dl.fetch_first([mirror, primary], url_username='alice', url_password=PASSWORD,
+                        headers=GIVEN_HEADERS, force_basic_auth=True, sleep=sleeps.append) as stream:
+        assert stream.source == mirror and read_all(stream) == DATA
+    assert [carried(r) for r in other_server.requests] == [{}]
+    assert http_server.requests == []
+
+
+def test_mirror_on_another_origin_asking_for_auth_fails_over_to_the_primary(http_server, other_server, sleeps):
+    primary = http_server.add('/img', DATA, auth=('alice', PASSWORD))
+    mirror = other_server.add('/img', DATA, auth=('alice', PASSWORD))
+    with dl.fetch_first([mirror, primary], url_username='alice', url_password=PASSWORD,
+                        headers=GIVEN_HEADERS, sleep=sleeps.append) as stream:
+        assert stream.source == primary and read_all(stream) == DATA
+    assert [(r.status, carried(r)) for r in other_server.requests] == [(401, {})]
+    assert [(r.status, carried(r)) for r in http_server.requests] == [
+        (401, {'authorization-token': TOKEN, 'x-trace': 'trace-1'}),
+        (200, {'authorization': basic('alice', PASSWORD), 'authorization-token': TOKEN, 'x-trace': 'trace-1'})]
+
+
+def test_mirror_on_the_same_origin_gets_the_primary_credentials(http_server, sleeps):
+    primary = http_server.url_for('/img', 'alice', PASSWORD)
+    mirror = http_server.add('/mirror/img', DATA, auth=('alice', PASSWORD))
+    with dl.fetch_first([mirror, primary], headers=GIVEN_HEADERS, force_basic_auth=True,
+                        sleep=sleeps.append) as stream:
+        assert stream.source == mirror and read_all(stream) == DATA
+    assert [carried(r) for r in http_server.requests] == [
+        {'authorization': basic('alice', PASSWORD), 'authorization-token': TOKEN, 'x-trace': 'trace-1'}]
+
+
+def test_mirror_dict_gets_exactly_its_own_credentials(http_server, other_server, sleeps):
+    primary = http_server.add('/img', DATA)
+    mirror = other_server.add('/img', DATA, auth=('bob', 'mirror-pw'))
+    entry = {'url': mirror, 'url_username': 'bob', 'url_password': 'mirror-pw', 'headers': {'X-Trace': 'mirror'}}
+    with dl.fetch_first([entry, primary], url_username='alice', url_password=PASSWORD, headers=GIVEN_HEADERS,
+                        sleep=sleeps.append) as stream:
+        assert stream.source == mirror and read_all(stream) == DATA
+    assert [carried(r) for r in other_server.requests] == [
+        {'x-trace': 'mirror'}, {'x-trace': 'mirror', 'authorization': basic('bob', 'mirror-pw')}]
+    # A dict without credentials of its own gets none, even on the primary's origin.
+    same_origin = http_server.add('/mirror/img', DATA)
+    with dl.fetch_first([{'url': same_origin}, primary], url_username='alice', url_password=PASSWORD,
+                        headers=GIVEN_HEADERS, force_basic_auth=True, sleep=sleeps.append) as stream:
+        assert stream.source == same_origin
+    assert [carried(r) for r in http_server.requests] == [{}]
+
+
+@pytest.mark.parametrize('mirrors, words', [
+    ('http://h/x', 'mirrors must be a list'),
+    ([42], 'mirrors[0] must be a URL or a dict'),
+    (['http://h/x', {'url_username': 'u'}], 'mirrors[1] needs url'),
+    ([{'url': 'http://h/x', 'password': 'pw'}], 'mirrors[0] has unknown keys password; a mirror dict takes url,'),
+    ([{'url': 'http://h/x', 'url_password': 12}], 'mirrors[0]: url_password must be a string'),
+    ([{'url': 'http://h/x', 'headers': ['a']}], 'mirrors[0]: headers must be a dict'),
+    ([''], 'mirrors[0] is an empty URL'),
+])
+def test_check_mirrors_names_the_bad_entry(mirrors, words):
+    with pytest.raises(InvalidOptionError) as info:
+        dl.check_mirrors(mirrors)
+    assert words in str(info.value) and info.value.kind == 'invalid_option'
+    assert '12' not in str(info.value)
+
+
+def test_cross_origin_redirect_drops_credentials_and_headers(http_server, other_server, sleeps):
+    target = other_server.add('/img', DATA)
+    url = http_server.add('/moved', status=302, headers={'Location': target})
+    with fetch(url, sleeps, url_username='alice', url_password=PASSWORD, headers=GIVEN_HEADERS,
+               force_basic_auth=True) as stream:
+        assert stream.source == url and read_all(stream) == DATA
+    assert [carried(r) for r in http_server.requests] == [
+        {'authorization': basic('alice', PASSWORD), 'authorization-token': TOKEN, 'x-trace': 'trace-1'}]
+    assert [carried(r) for r in other_server.requests] == [{}]
+
+
+def test_same_origin_redirect_keeps_them_and_resumes_through_it(http_server, sleeps):
+    http_server.add('/img', DATA, auth=('alice', PASSWORD), cut_after=5000)
+    url = http_server.add('/moved', status=301, headers={'Location': '/img'})
+    with fetch(url, sleeps, url_username='alice', url_password=PASSWORD, headers=GIVEN_HEADERS) as stream:
+        assert read_all(stream) == DATA and stream.resumed == 1
+    paths = [(r.path, r.status, 'authorization' in r.headers, r.headers.get('x-trace')) for r in http_server.requests]
+    # The challenge is answered where it came from; the resume starts over at /moved.
+    assert paths == [('/moved', 301, False, 'trace-1'), ('/img', 401, False, 'trace-1'),
+                     ('/img', 200, True, 'trace-1'),
+                     ('/moved', 301, True, 'trace-1'), ('/img', 206, True, 'trace-1')]
+    assert http_server.requests[-1].range == 'bytes=5000-'
+
+
+def test_unredirected_headers_are_not_sent_after_a_redirect(http_server, sleeps):
+    http_server.add('/img', DATA)
+    url = http_server.add('/moved', status=307, headers={'Location': '/img'})
+    with fetch(url, sleeps, url_username='alice', url_password=PASSWORD, headers=GIVEN_HEADERS,
+               force_basic_auth=True, unredirected_headers=['x-trace', 'AUTHORIZATION']) as stream:
+        assert read_all(stream) == DATA
+    first, second = http_server.requests
+    assert carried(first) == {'authorization': basic('alice', PASSWORD), 'authorization-token': TOKEN,
+                              'x-trace': 'trace-1'}
+    assert carried(second) == {'authorization-token': TOKEN}
+
+
+def test_redirects_are_bounded_and_http_only(http_server, sleeps):
+    url = http_server.add('/loop', status=302, headers={'Location': '/loop'})
+    with pytest.raises(DownloadError, match='more than 10 redirects'):
+        fetch(url, sleeps)
+    assert len(http_server.requests) == dl.MAX_REDIRECTS + 1
+    url = http_server.add('/ftp', status=302, headers={'Location': 'ftp://u:%s@h/x' % PASSWORD})
+    with pytest.raises(DownloadError, match=r'redirected to ftp://h/x, which is not an http') as info:
+        fetch(url, sleeps)
+    assert PASSWORD not in str(info.value)
+
+
+def test_http_agent_default_and_override(http_server, sleeps):
+    url = http_server.add('/img', DATA)
+    with open(os.path.join(REPO, 'galaxy.yml')) as f:
+        version = [line.split(':', 1)[1].strip() for line in f if line.startswith('version:')][0]
+    assert dl.COLLECTION_VERSION == version
+    fetch(url, sleeps).close()
+    fetch(url, sleeps, http_agent='fleet-cache/2').close()
+    assert [r.headers['user-agent'] for r in http_server.requests] == ['vmimage.qemu/' + version, 'fleet-cache/2']
+
+
+def test_use_proxy_false_ignores_the_proxy_environment(http_server, sleeps, monkeypatch):
+    url = http_server.add('/img', DATA)
+    for name in ('no_proxy', 'NO_PROXY', 'all_proxy', 'ALL_PROXY'):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv('http_proxy', 'http://127.0.0.1:%d' % closed_port())
+    with pytest.raises(DownloadError, match='ProxyError'):
+        fetch(url, sleeps, retries=0)
+    with fetch(url, sleeps, retries=0, use_proxy=False) as stream:
+        assert read_all(stream) == DATA
+
+
+def test_netrc_credentials_stay_with_their_host(http_server, other_server, sleeps, monkeypatch, tmp_path):
+    (tmp_path / '.netrc').write_text('machine 127.0.0.1 login nina password %s\n' % PASSWORD)
+    os.chmod(str(tmp_path / '.netrc'), 0o600)
+    monkeypatch.setenv('HOME', str(tmp_path))
+    monkeypatch.delenv('NETRC', raising=False)
+    url = http_server.add('/img', DATA, auth=('nina', PASSWORD))
+    with fetch(url, sleeps) as stream:
+        assert read_all(stream) == DATA
+    assert [r.authorization for r in http_server.requests] == [None, basic('nina', PASSWORD)]
+    with pytest.raises(DownloadError, match='no credentials were given'):
+        fetch(url, sleeps, use_netrc=False)
+    # A redirect to another host finds no entry for it, even with force_basic_auth.
+    other_server.add('/img', DATA, auth=('nina', PASSWORD))
+    moved = http_server.add('/moved', status=302, headers={'Location': other_server.url_for('/img')})
+    http_server.clear_requests()
+    with pytest.raises(DownloadError, match='127.0.0.2:%d asks for authentication' % other_server.port):
+        fetch(moved, sleeps, force_basic_auth=True)
+    assert [r.authorization for r in http_server.requests] == [basic('nina', PASSWORD)]
+    assert [r.authorization for r in other_server.requests] == [None]
+
+
+def test_secret_header_values_never_in_errors(http_server, sleeps):
+    url = http_server.add('/img', DATA)
+    with pytest.raises(DownloadError) as info:
+        fetch(url, sleeps, headers={'X-Api-Key': ' ' + TOKEN + '\n'})
+    assert 'header' in str(info.value) and TOKEN not in str(info.value)
 
 
 # -- API details -----------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import inspect
 import io
 
-from ansible_collections.vmimage.qemu.plugins.module_utils import module_common, store
+from ansible_collections.vmimage.qemu.plugins.module_utils import download, module_common, store
 from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import _HashingSink
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import ImageInUseError
 
@@ -39,3 +40,29 @@ def test_hashing_sink_survives_short_writes():
     sink = _HashingSink(out)
     assert sink.write(b'0123456789') == 10
     assert out.buf.getvalue() == b'0123456789' and sink.size == 10
+
+
+def test_secret_values_reach_what_no_log_cannot():
+    params = dict(
+        url='https://ci:url%40pw@h/img',
+        headers={'Authorization': 'Bearer t1', 'X-Api-Key': 'k1', 'Accept': 'text/plain', 'X-Empty-Token': ''},
+        mirrors=['http://m:m%3Apw@m1/img',
+                 {'url': 'http://m2/img', 'url_username': 'bob', 'url_password': 'p2', 'headers': {'Cookie': 'c=1'}},
+                 {'url': 'http://m3/img', 'passwd': 'typo', 'secret': 's3'},
+                 42],
+    )
+    assert module_common.secret_values(params) == {
+        'url%40pw', 'url@pw', 'Bearer t1', 'k1', 'm%3Apw', 'm:pw', 'p2', 'c=1', 's3'}
+    # Run before the params are checked: anything malformed is skipped.
+    assert module_common.secret_values(dict(headers='x', mirrors='y', url='http://[bad/')) == set()
+
+
+def test_download_options_carry_every_http_option():
+    params = dict((name, spec.get('default')) for name, spec in module_common.HTTP_ARGUMENT_SPEC.items())
+    options = module_common.download_options(params)
+    assert options['force_basic_auth'] is False and options['use_proxy'] is True and options['use_netrc'] is True
+    assert options['http_agent'] is None and options['unredirected_headers'] is None
+    accepted = inspect.signature(download.open_download).parameters
+    assert set(options) <= set(accepted)
+    # Every HTTP option but the two the store passes itself reaches the download.
+    assert set(module_common.HTTP_ARGUMENT_SPEC) - set(options) == {'timeout', 'retries'}
