@@ -5,9 +5,10 @@
 
 The pure-Python checks decide (machine.json schema, raw disk without a
 foreign format signature, strict qcow2 layer backed exactly by disk.img as
-raw); qemu-img then cross-checks under resource limits, only on files the
-Python checks already accepted.  VALIDATOR_VERSION is recorded with every
-stored image so a stricter future validator can tell what it has not seen.
+raw, every table entry of it checked); qemu-img then cross-checks under
+resource limits, only on files the Python checks already accepted.
+VALIDATOR_VERSION is recorded with every stored image so a stricter future
+validator can tell what it has not seen.
 """
 
 from __future__ import absolute_import, division, print_function
@@ -25,11 +26,12 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.errors import LimitEx
 from ansible_collections.vmimage.qemu.plugins.module_utils.format_probe import check_raw_disk
 from ansible_collections.vmimage.qemu.plugins.module_utils.limits import DEFAULT_LIMITS
 from ansible_collections.vmimage.qemu.plugins.module_utils.machine import load_machine_json
-from ansible_collections.vmimage.qemu.plugins.module_utils.qcow2 import check_layer, read_qcow2_header
+from ansible_collections.vmimage.qemu.plugins.module_utils.qcow2 import check_layer_file
 from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_img import validate_with_qemu_img
 from ansible_collections.vmimage.qemu.plugins.module_utils.sparse_file import allocated_bytes
 
-VALIDATOR_VERSION = 1
+# 2: the qcow2 layer's refcount, L1 and L2 tables are walked.
+VALIDATOR_VERSION = 2
 
 
 class ImageInfo(object):
@@ -63,8 +65,8 @@ def validate_image_folder(folder, limits=DEFAULT_LIMITS, use_qemu_img=True):
     """Validate an extracted image; return ImageInfo or raise a VmImageError."""
     machine = read_machine_file(os.path.join(folder, MACHINE), limits)
     disk_size = check_raw_disk(os.path.join(folder, DISK), limits=limits, name=DISK)
-    header = check_layer(read_qcow2_header(os.path.join(folder, LAYER), name=LAYER), limits=limits,
-                         name=LAYER, expected_backing=DISK, expected_backing_format='raw')
+    header = check_layer_file(os.path.join(folder, LAYER), limits=limits, name=LAYER,
+                              expected_backing=DISK, expected_backing_format='raw')
     if use_qemu_img:
         validate_with_qemu_img(folder, limits=limits, precheck=False)
     allocated = sum(allocated_bytes(os.path.join(folder, n)) for n in (DISK, LAYER, MACHINE))

@@ -13,7 +13,10 @@ anything structurally malformed with InvalidArchiveError.  ``check_layer`` then
 applies the acceptance policy of the image cache: qcow2 v3, no encryption, no
 incompatible feature bit at all, no external data file, no snapshots, a
 bounded virtual size and a backing reference that is exactly the expected
-sibling file with an explicit format.  The layout follows
+sibling file with an explicit format.  Given the open file it also walks
+every table (refcount table -> refcount blocks, L1 -> L2 tables -> data and
+compressed clusters), the checks ``qemu-img check`` makes, reading metadata
+only.  ``check_layer_file`` does both on one descriptor.  The layout follows
 docs/interop/qcow2.rst in QEMU.
 """
 
@@ -24,6 +27,7 @@ __metaclass__ = type
 import os
 import re
 import struct
+from array import array
 
 from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
     InvalidArchiveError, LimitExceededError, UnsafeImageError,
@@ -48,6 +52,20 @@ V3_MIN_HEADER_LENGTH = 104
 # QEMU's implementation limits (QCOW_MAX_L1_SIZE, QCOW_MAX_REFTABLE_SIZE).
 MAX_L1_BYTES = 32 * 1024 * 1024
 MAX_REFTABLE_BYTES = 8 * 1024 * 1024
+# QEMU's qcow2_validate_table refuses table offsets a signed 64-bit file
+# offset cannot reach.
+_MAX_FILE_OFFSET = (1 << 63) - 1
+
+# Table entry layout (docs/interop/qcow2.rst; the masks of QEMU's qcow2.h).
+_OFLAG_COPIED = 1 << 63
+_OFLAG_COMPRESSED = 1 << 62
+_L1E_OFFSET_MASK = 0x00fffffffffffe00
+_L1E_RESERVED_MASK = 0x7f000000000001ff
+_L2E_OFFSET_MASK = 0x00fffffffffffe00
+_L2E_STD_RESERVED_MASK = 0x3f000000000001fe
+_REFT_OFFSET_MASK = 0xfffffffffffffe00
+_REFT_RESERVED_MASK = 0x1ff
+_COMPRESSED_SECTOR = 512
 
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
@@ -390,13 +408,16 @@ def _needed_l1_entries(size, cluster_bits):
 
 
 def check_layer(header, limits=DEFAULT_LIMITS, name='layer.qcow2',
-                expected_backing='disk.img', expected_backing_format='raw'):
+                expected_backing='disk.img', expected_backing_format='raw', fileobj=None):
     """Apply the acceptance policy to a parsed header and return it.
 
     Policy and security violations raise UnsafeImageError, a virtual size over
     limits.max_virtual_size LimitExceededError, and structural inconsistencies
     (version 2, misplaced tables, zero size) InvalidArchiveError.  With
     ``expected_backing=None`` the image must have no backing file at all.
+    ``fileobj``, the open file the header was read from, adds the table walk
+    (``walk_tables``); without it only the header is judged, so validating a
+    layer from outside goes through ``check_layer_file``.
     """
     # Extensions first: they say most precisely what the image is trying.
     ext_types = header.extension_types()
@@ -440,7 +461,30 @@ def check_layer(header, limits=DEFAULT_LIMITS, name='layer.qcow2',
                                  % (name, header.size, limits.max_virtual_size))
     _check_tables(header, name)
     _check_backing(header, name, expected_backing, expected_backing_format)
+    if fileobj is not None:
+        walk_tables(fileobj, header, name)
     return header
+
+
+def check_layer_file(path_or_fileobj, limits=DEFAULT_LIMITS, name=None,
+                     expected_backing='disk.img', expected_backing_format='raw'):
+    """Read a layer's header, apply ``check_layer`` and walk its tables, all
+    through one open file (a path is opened like ``read_qcow2_header`` does);
+    return the header.
+
+    One descriptor for both steps means the tables judged are the ones of the
+    file whose header was judged.
+    """
+    if hasattr(path_or_fileobj, 'read'):
+        header = read_qcow2_header(path_or_fileobj, name=name)
+        return check_layer(header, limits=limits, name=header.name, expected_backing=expected_backing,
+                           expected_backing_format=expected_backing_format, fileobj=path_or_fileobj)
+    if name is None:
+        name = os.path.basename(os.fsdecode(path_or_fileobj))
+    with open_regular_file(path_or_fileobj, name) as fileobj:
+        header = _read_header(fileobj, name)
+        return check_layer(header, limits=limits, name=name, expected_backing=expected_backing,
+                           expected_backing_format=expected_backing_format, fileobj=fileobj)
 
 
 def _check_tables(header, name):
@@ -479,6 +523,15 @@ def _check_tables(header, name):
                                   'end of the file (%d bytes)'
                                   % (name, header.refcount_table_offset,
                                      header.refcount_table_clusters, file_size))
+    # QEMU validates the place of the snapshot table even when it holds no
+    # snapshot (qcow2_validate_table) and refuses to open the image otherwise.
+    if header.snapshots_offset % cluster_size:
+        raise InvalidArchiveError('%s: snapshots_offset 0x%x is not a multiple of the cluster size %d '
+                                  '(QEMU refuses to open the image)'
+                                  % (name, header.snapshots_offset, cluster_size))
+    if header.snapshots_offset > _MAX_FILE_OFFSET:
+        raise InvalidArchiveError('%s: snapshots_offset 0x%x is beyond any file offset '
+                                  '(QEMU refuses to open the image)' % (name, header.snapshots_offset))
 
 
 def _check_backing(header, name, expected_backing, expected_format):
@@ -508,3 +561,328 @@ def _check_backing(header, name, expected_backing, expected_format):
     if fmt != expected_format:
         raise UnsafeImageError('%s: backing format must be exactly %r, got %r'
                                % (name, expected_format, fmt))
+
+
+# ------------------------------------------------------------ table walk ---
+
+# What a cluster of the file is used for, as _ClusterMap stores it.
+_KIND_HEADER = 1
+_KIND_L1 = 2
+_KIND_REFTABLE = 3
+_KIND_REFBLOCK = 4
+_KIND_L2 = 5
+_KIND_DATA = 6
+# Several compressed clusters may share one host cluster, so from here up the
+# value counts them (16 is one reference); 255 means "see the overflow dict".
+_KIND_COMPRESSED = 16
+_COUNT_OVERFLOW = 255
+
+_KIND_NAMES = {
+    _KIND_HEADER: 'the header cluster',
+    _KIND_L1: 'the L1 table',
+    _KIND_REFTABLE: 'the refcount table',
+    _KIND_REFBLOCK: 'a refcount block',
+    _KIND_L2: 'an L2 table',
+    _KIND_DATA: 'a data cluster',
+}
+_KIND_CLASH = {
+    _KIND_HEADER: 'inside the header cluster',
+    _KIND_L1: 'inside the L1 table',
+    _KIND_REFTABLE: 'inside the refcount table',
+    _KIND_REFBLOCK: 'inside a refcount block',
+    _KIND_L2: 'already used as an L2 table (a second reference)',
+    _KIND_DATA: 'already used as a data cluster (a second reference)',
+}
+_COMPRESSED_CLASH = 'already used for compressed data'
+_NONZERO_RUN = re.compile(b'[^\\x00]+')
+_REFCOUNT_FORMATS = {3: '>B', 4: '>H', 5: '>I', 6: '>Q'}
+
+
+def _kind_name(value):
+    return _KIND_NAMES.get(value, 'compressed data')
+
+
+def _clash(value):
+    return _KIND_CLASH.get(value, _COMPRESSED_CLASH)
+
+
+class _ClusterMap(object):
+    """One byte per cluster of the file saying what the tables use it for
+    (0: nothing).
+
+    Chunks are allocated only where some entry points, and every entry must
+    point inside the file, so memory stays below one byte per cluster of the
+    file whatever the tables claim.
+    """
+
+    _BITS = 16
+    _MASK = (1 << _BITS) - 1
+
+    __slots__ = ('_chunks', '_counts')
+
+    def __init__(self):
+        self._chunks = {}
+        self._counts = {}
+
+    def get(self, index):
+        chunk = self._chunks.get(index >> self._BITS)
+        return 0 if chunk is None else chunk[index & self._MASK]
+
+    def set(self, index, value):
+        key = index >> self._BITS
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            chunk = self._chunks[key] = bytearray(1 << self._BITS)
+        chunk[index & self._MASK] = value
+
+    def add_compressed(self, index):
+        """Count one more compressed cluster in ``index``; return the previous
+        value when the cluster is in use for something else (else 0)."""
+        value = self.get(index)
+        if value == 0:
+            self.set(index, _KIND_COMPRESSED)
+        elif value < _KIND_COMPRESSED:
+            return value
+        elif value < _COUNT_OVERFLOW - 1:
+            self.set(index, value + 1)
+        elif value == _COUNT_OVERFLOW - 1:
+            self.set(index, _COUNT_OVERFLOW)
+            self._counts[index] = _COUNT_OVERFLOW - _KIND_COMPRESSED + 1
+        else:
+            self._counts[index] += 1
+        return 0
+
+    def references(self, index, value):
+        if value < _KIND_COMPRESSED:
+            return 1
+        if value < _COUNT_OVERFLOW:
+            return value - _KIND_COMPRESSED + 1
+        return self._counts[index]
+
+    def used(self):
+        """Yield ``(index, value)`` for every used cluster, in file order."""
+        for key in sorted(self._chunks):
+            chunk = self._chunks[key]
+            base = key << self._BITS
+            for run in _NONZERO_RUN.finditer(chunk):
+                for i in range(run.start(), run.end()):
+                    yield base + i, chunk[i]
+
+
+def _refcount_at(block, entry, refcount_order):
+    fmt = _REFCOUNT_FORMATS.get(refcount_order)
+    if fmt is not None:
+        return struct.unpack_from(fmt, block, entry << (refcount_order - 3))[0]
+    # Narrow refcounts are packed least significant bits first
+    # (get_refcount_ro0..2 in QEMU's qcow2-refcount.c).
+    per_byte_bits = 3 - refcount_order
+    shift = (entry & ((1 << per_byte_bits) - 1)) << refcount_order
+    return (block[entry >> per_byte_bits] >> shift) & ((1 << (1 << refcount_order)) - 1)
+
+
+def walk_tables(fileobj, header, name=None):
+    """Check every table of a qcow2 image the way ``qemu-img check`` does.
+
+    The refcount table's entries must point at refcount blocks, the L1
+    table's at L2 tables and the L2 tables' at data clusters or compressed
+    data; every such pointer must be free of reserved bits, cluster aligned
+    (compressed data excepted), inside the file and not point at the header,
+    the L1 table, the refcount table, a refcount block, an L2 table or another
+    entry's cluster (without snapshots nothing may be shared except a host
+    cluster packing several compressed clusters).  Each cluster so used must
+    have a refcount at least its number of users, otherwise QEMU would
+    allocate over it on the next write.  An L1 entry beyond the virtual size
+    must be empty: QEMU never fills one, and it bounds the walk.
+
+    Only tables are read, each cluster at most once and never more than one
+    cluster at a time; data clusters are never read.  ``header`` must be one
+    ``check_layer`` accepted for this very file (offsets, sizes, no
+    snapshots).  Failures raise InvalidArchiveError naming the table, its
+    offset, the entry and where it points.  The file position is restored.
+    """
+    name = name or header.name
+    try:
+        saved = fileobj.tell()
+    except (AttributeError, OSError):
+        saved = None
+    try:
+        _TableWalk(fileobj, header, name).run()
+    finally:
+        if saved is not None:
+            fileobj.seek(saved)
+
+
+class _TableWalk(object):
+
+    def __init__(self, fileobj, header, name):
+        self.fileobj = fileobj
+        self.header = header
+        self.name = name
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = header.cluster_size
+        self.file_size = header.file_size if header.file_size is not None else probe_file_size(fileobj)
+        self.clusters = _ClusterMap()
+        self.refblocks = {}
+
+    def fail(self, message):
+        return InvalidArchiveError('%s: %s' % (self.name, message))
+
+    def run(self):
+        header = self.header
+        self.claim_region('header', 0, self.cluster_size, _KIND_HEADER)
+        self.claim_region('L1 table', header.l1_table_offset, 8 * header.l1_size, _KIND_L1)
+        self.claim_region('refcount table', header.refcount_table_offset,
+                          header.refcount_table_clusters * self.cluster_size, _KIND_REFTABLE)
+        self.walk_reftable()
+        for index, offset in self.walk_l1():
+            self.walk_l2(index, offset)
+        self.check_refcounts()
+
+    def claim_region(self, label, offset, length, kind):
+        first = offset >> self.cluster_bits
+        last = (offset + length - 1) >> self.cluster_bits
+        for index in range(first, last + 1):
+            current = self.clusters.get(index)
+            if current:
+                raise self.fail('%s at 0x%x (%d bytes) overlaps %s at 0x%x'
+                                % (label, offset, length, _kind_name(current), index << self.cluster_bits))
+            self.clusters.set(index, kind)
+
+    def claim_cluster(self, table, table_offset, entry, offset, kind):
+        if offset & (self.cluster_size - 1):
+            raise self.fail('%s at 0x%x, entry %d points at 0x%x, not aligned to the cluster size %d'
+                            % (table, table_offset, entry, offset, self.cluster_size))
+        if offset >= self.file_size:
+            raise self.fail('%s at 0x%x, entry %d points at 0x%x, beyond the end of the file (0x%x bytes)'
+                            % (table, table_offset, entry, offset, self.file_size))
+        index = offset >> self.cluster_bits
+        current = self.clusters.get(index)
+        if current:
+            raise self.fail('%s at 0x%x, entry %d points at 0x%x, %s'
+                            % (table, table_offset, entry, offset, _clash(current)))
+        self.clusters.set(index, kind)
+
+    def read_table(self, offset, length):
+        """Yield ``(entry index, value)`` of the nonzero 64-bit entries of the
+        table at ``offset``, reading at most MAX_READ bytes at a time.  Bytes
+        past the end of the file read as zeros, as QEMU reads them."""
+        done = 0
+        while done < length:
+            size = min(MAX_READ, length - done)
+            data = read_exact_at(self.fileobj, offset + done, size)
+            if len(data) < size:
+                data += bytes(size - len(data))
+            base = done // 8
+            values = struct.unpack('>%dQ' % (size // 8), data)
+            for i, value in enumerate(values):
+                if value:
+                    yield base + i, value
+            done += size
+
+    def walk_reftable(self):
+        offset = self.header.refcount_table_offset
+        length = self.header.refcount_table_clusters * self.cluster_size
+        for index, entry in self.read_table(offset, length):
+            if entry & _REFT_RESERVED_MASK:
+                raise self.fail('refcount table at 0x%x, entry %d has reserved bits set (0x%016x)'
+                                % (offset, index, entry))
+            block = entry & _REFT_OFFSET_MASK
+            self.claim_cluster('refcount table', offset, index, block, _KIND_REFBLOCK)
+            self.refblocks[index] = block
+
+    def walk_l1(self):
+        """Claim the L2 tables; return (L1 index, offset) pairs in L1 order."""
+        header = self.header
+        offset = header.l1_table_offset
+        needed = _needed_l1_entries(header.size, self.cluster_bits)
+        indexes = array('L')
+        tables = array('Q')
+        for index, entry in self.read_table(offset, 8 * header.l1_size):
+            if entry & _L1E_RESERVED_MASK:
+                raise self.fail('L1 table at 0x%x, entry %d has reserved bits set (0x%016x)'
+                                % (offset, index, entry))
+            l2_offset = entry & _L1E_OFFSET_MASK
+            if not l2_offset:
+                continue
+            if index >= needed:
+                raise self.fail('L1 table at 0x%x, entry %d points at 0x%x, but the entry maps guest '
+                                'offsets beyond the virtual size %d'
+                                % (offset, index, l2_offset, header.size))
+            self.claim_cluster('L1 table', offset, index, l2_offset, _KIND_L2)
+            indexes.append(index)
+            tables.append(l2_offset)
+        return zip(indexes, tables)
+
+    def walk_l2(self, l1_index, offset):
+        cluster_bits = self.cluster_bits
+        # Compressed descriptors: the host offset in the low 62 - (cluster_bits
+        # - 8) bits, then the number of additional 512-byte sectors.
+        csize_shift = 62 - (cluster_bits - 8)
+        csize_mask = (1 << (cluster_bits - 8)) - 1
+        coffset_mask = (1 << csize_shift) - 1
+        last_cluster = (self.file_size - 1) >> cluster_bits
+        for index, entry in self.read_table(offset, self.cluster_size):
+            if entry & _OFLAG_COMPRESSED:
+                if entry & _OFLAG_COPIED:
+                    raise self.fail('L2 table at 0x%x, entry %d describes compressed data with the '
+                                    'copied flag set (0x%016x)' % (offset, index, entry))
+                coffset = entry & coffset_mask
+                sectors = ((entry >> csize_shift) & csize_mask) + 1
+                length = sectors * _COMPRESSED_SECTOR - (coffset & (_COMPRESSED_SECTOR - 1))
+                first = coffset >> cluster_bits
+                last = (coffset + length - 1) >> cluster_bits
+                if last > last_cluster:
+                    raise self.fail('L2 table at 0x%x, entry %d points at 0x%x (compressed, %d bytes), '
+                                    'beyond the end of the file (0x%x bytes)'
+                                    % (offset, index, coffset, length, self.file_size))
+                for cluster in range(first, last + 1):
+                    current = self.clusters.add_compressed(cluster)
+                    if current:
+                        raise self.fail('L2 table at 0x%x, entry %d points at 0x%x (compressed, %d bytes), %s'
+                                        % (offset, index, coffset, length, _clash(current)))
+                continue
+            if entry & _L2E_STD_RESERVED_MASK:
+                raise self.fail('L2 table at 0x%x, entry %d has reserved bits set (0x%016x)'
+                                % (offset, index, entry))
+            data_offset = entry & _L2E_OFFSET_MASK
+            if data_offset:
+                self.claim_cluster('L2 table', offset, index, data_offset, _KIND_DATA)
+
+    def check_refcounts(self):
+        header = self.header
+        order = header.refcount_order
+        # A refcount block holds cluster_size * 8 / 2^order entries.
+        block_bits = self.cluster_bits + 3 - order
+        block_mask = (1 << block_bits) - 1
+        reftable_entries = header.refcount_table_clusters * self.cluster_size // 8
+        current = None
+        block = None
+        for index, value in self.clusters.used():
+            table_index = index >> block_bits
+            if table_index != current:
+                current = table_index
+                block_offset = self.refblocks.get(table_index)
+                block = None
+                if block_offset is not None:
+                    block = read_exact_at(self.fileobj, block_offset, self.cluster_size)
+                    block += bytes(self.cluster_size - len(block))
+            offset = index << self.cluster_bits
+            users = self.clusters.references(index, value)
+            if block is None:
+                if table_index >= reftable_entries:
+                    where = 'has no entry %d' % table_index
+                else:
+                    where = 'entry %d is empty' % table_index
+                raise self.fail('refcount table at 0x%x, %s: the cluster at 0x%x (%s) has refcount 0, '
+                                'QEMU would allocate over it'
+                                % (header.refcount_table_offset, where, offset, _kind_name(value)))
+            refcount = _refcount_at(block, index & block_mask, order)
+            if refcount >= users:
+                continue
+            if value < _KIND_COMPRESSED:
+                raise self.fail('refcount block at 0x%x, entry %d: the cluster at 0x%x (%s) has refcount 0, '
+                                'QEMU would allocate over it'
+                                % (block_offset, index & block_mask, offset, _kind_name(value)))
+            raise self.fail('refcount block at 0x%x, entry %d: the cluster at 0x%x holds compressed data '
+                            'of %d clusters but has refcount %d, QEMU would free it while in use'
+                            % (block_offset, index & block_mask, offset, users, refcount))

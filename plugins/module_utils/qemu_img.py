@@ -43,7 +43,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils.errors import (
 from ansible_collections.vmimage.qemu.plugins.module_utils.format_probe import check_raw_disk
 from ansible_collections.vmimage.qemu.plugins.module_utils.limits import DEFAULT_LIMITS
 from ansible_collections.vmimage.qemu.plugins.module_utils.qcow2 import (
-    check_layer, describe_backing_risk, read_qcow2_header,
+    check_layer_file, describe_backing_risk,
 )
 
 DISK_NAME = 'disk.img'
@@ -391,8 +391,8 @@ def validate_with_qemu_img(folder, limits=DEFAULT_LIMITS, precheck=True, qemu_im
     _require_regular(layer_path, layer_name)
     if precheck:
         check_raw_disk(disk_path, limits=limits, name=disk_name)
-        check_layer(read_qcow2_header(layer_path, name=layer_name), limits=limits,
-                    name=layer_name, expected_backing=disk_name, expected_backing_format='raw')
+        check_layer_file(layer_path, limits=limits, name=layer_name, expected_backing=disk_name,
+                         expected_backing_format='raw')
 
     disk_info = qemu_img_info(disk_path, 'raw', limits=limits, qemu_img=qemu_img)
     _check_disk_info(disk_info, disk_name, limits)
