@@ -5,7 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(qemu-utils qemu-system-x86 zstd tar python3 python3-venv python3-pip openssh-server openssh-client sudo)
+# mmdebstrap, syslinux, mtools, dosfstools, e2fsprogs and fdisk build the real
+# Debian guest that tests/integration/test_linux_guest.py boots.
+APT_PACKAGES=(qemu-utils qemu-system-x86 zstd tar python3 python3-venv python3-pip openssh-server openssh-client sudo
+              mmdebstrap syslinux syslinux-common mtools dosfstools e2fsprogs fdisk)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

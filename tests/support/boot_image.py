@@ -250,16 +250,6 @@ def run_qemu(argv, timeout=60):
     return proc.returncode, (out + err).decode('utf-8', 'replace')
 
 
-def kvm_usable():
-    """True when this process can open /dev/kvm read-write."""
-    try:
-        fd = os.open('/dev/kvm', os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
 def install_boot_sector(disk_path, **kw):
     """Write the boot sector at offset 0 of an existing raw disk, leaving its
     size and its holes alone (what ``dd conv=notrunc`` would do)."""
