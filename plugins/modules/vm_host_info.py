@@ -16,7 +16,7 @@ description:
   - Opens the KVM device read-write and asks it C(KVM_GET_API_VERSION), as QEMU does before using it. When that
     fails, RV(kvm.reason) says why in one sentence (device missing, permission denied with the device's owner,
     group and mode and whether the module's user is in that group, no driver, wrong API version, ioctl error).
-  - A device that answers is not yet proof: on some hosts QEMU aborts at start with C(-accel kvm -cpu host).
+  - A device that answers is not yet proof, since on some hosts QEMU aborts at start with C(-accel kvm -cpu host).
     So the module then starts C(qemu-system-x86_64) itself, paused and without devices, with the machine type,
     accelerator and CPU model instances get (C(-machine pc-i440fx-2.8 -accel kvm -cpu host)), and counts KVM
     usable only when that process answers QMP with KVM enabled. QEMU's own error text is returned in

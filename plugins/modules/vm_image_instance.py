@@ -91,7 +91,7 @@ options:
   accel:
     description:
       - The accelerator in RV(qemu_args).
-      - V(auto) uses KVM only when it is proven to work on this host for the module's user: the device opens
+      - V(auto) uses KVM only when it is proven to work on this host for the module's user. The device opens
         read-write and answers the KVM API, and C(qemu-system-x86_64) itself, started paused and without devices
         with the instance's machine type and C(-accel kvm -cpu host), stays up and reports KVM enabled.
         Otherwise it falls back to TCG with C(-cpu max), and RV(accel_reason) says why.
