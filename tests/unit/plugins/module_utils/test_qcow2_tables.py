@@ -154,7 +154,7 @@ def get(path, offset, fmt):
 
 def qemu_img_check(path):
     proc = subprocess.run(['qemu-img', 'check', '-f', 'qcow2', str(path)], stdin=subprocess.DEVNULL,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60, check=False)
     return proc.returncode, proc.stdout.decode('utf-8', 'replace')
 
 
