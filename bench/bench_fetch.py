@@ -33,7 +33,7 @@ from bench_archive import build_source  # noqa: E402
 FETCH = '''
 import sys
 sys.path.insert(0, sys.argv[1])
-from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 ImageStore(sys.argv[2]).fetch(sys.argv[3], alias='bench')
 '''
 

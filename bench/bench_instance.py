@@ -37,9 +37,9 @@ sys.path.insert(0, os.path.join(REPO, 'tests'))
 from support.ansible_run import ansible_env  # noqa: E402
 from support.boot_image import make_boot_image_folder  # noqa: E402
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive  # noqa: E402
-from ansible_collections.vmimage.qemu.plugins.module_utils.instance import InstanceManager  # noqa: E402
-from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore  # noqa: E402
+from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive  # noqa: E402
+from ansible_collections.vmimage.qemu.plugins.module_utils._instance.instance import InstanceManager  # noqa: E402
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore  # noqa: E402
 
 SIZES = (('1GiB', 1 * GIB), ('50GiB', 50 * GIB))
 

@@ -70,8 +70,8 @@ class CallbackModule(CallbackBase):
 
 def write_machine(folder):
     ensure_collection_path()
-    from ansible_collections.vmimage.qemu.plugins.module_utils.machine import dump_machine_json
-    from ansible_collections.vmimage.qemu.plugins.module_utils.mutable_image import blank_machine
+    from ansible_collections.vmimage.qemu.plugins.module_utils._formats.machine import dump_machine_json
+    from ansible_collections.vmimage.qemu.plugins.module_utils._mutable.mutable_image import blank_machine
     with open(os.path.join(folder, 'machine.json'), 'wb') as f:
         f.write(dump_machine_json(blank_machine({'memory': 2048})))
 

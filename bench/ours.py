@@ -10,8 +10,8 @@ from common import ensure_collection_path  # noqa: E402
 
 ensure_collection_path()
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.archive_reader import extract_image_archive  # noqa: E402
-from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive  # noqa: E402
+from ansible_collections.vmimage.qemu.plugins.module_utils._archive.reader import extract_image_archive  # noqa: E402
+from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive  # noqa: E402
 
 
 def main():

@@ -176,9 +176,9 @@ error_kind:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.host_facts import probe_host
-from ansible_collections.vmimage.qemu.plugins.module_utils.host_probe import KVM_DEVICE
-from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import error_result
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.host_facts import probe_host
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.host_probe import KVM_DEVICE
+from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import error_result
 
 
 def main():

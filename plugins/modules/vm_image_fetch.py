@@ -216,12 +216,12 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.download import redact_url
-from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import (
+from ansible_collections.vmimage.qemu.plugins.module_utils._transfer.download import redact_url
+from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import (
     HTTP_ARGUMENT_SPEC, STORE_ARGUMENT_SPEC, argument_spec, download_options, error_result, image_result,
     secret_values,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 
 def _diff(alias, before, after):

@@ -179,11 +179,11 @@ error_kind:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.instance import InstanceManager
-from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import (
+from ansible_collections.vmimage.qemu.plugins.module_utils._instance.instance import InstanceManager
+from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import (
     STORE_ARGUMENT_SPEC, argument_spec, error_result,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 _REPORTED = ('digest', 'aliases', 'source', 'fetched_at', 'last_used', 'apparent_size', 'allocated_size',
              'virtual_size', 'validator_version', 'path', 'disk', 'layer', 'instances', 'parent')

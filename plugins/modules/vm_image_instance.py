@@ -258,14 +258,14 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.accelerator import ACCELERATORS
-from ansible_collections.vmimage.qemu.plugins.module_utils.instance import (
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.accelerator import ACCELERATORS
+from ansible_collections.vmimage.qemu.plugins.module_utils._instance.instance import (
     INSTANCE_FORMAT, InstanceManager, check_instance_name,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import (
+from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import (
     STORE_ARGUMENT_SPEC, argument_spec, error_result,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 _DIFF_KEYS = ('name', 'image_id', 'digest', 'mac', 'uuid', 'machine')
 

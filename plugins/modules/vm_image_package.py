@@ -253,9 +253,9 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.limits import DEFAULT_LIMITS, GIB
-from ansible_collections.vmimage.qemu.plugins.module_utils.module_common import error_result
-from ansible_collections.vmimage.qemu.plugins.module_utils.mutable_image import (
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import DEFAULT_LIMITS, GIB
+from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import error_result
+from ansible_collections.vmimage.qemu.plugins.module_utils._mutable.mutable_image import (
     DEFAULT_LEVEL, DEFAULT_MAX_SIZE_GIB, FORMAT, MutableImage, blank_machine, check_package_options,
     check_size_gib,
 )

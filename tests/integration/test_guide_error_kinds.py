@@ -20,7 +20,7 @@ import inspect
 import os
 import re
 
-from ansible_collections.vmimage.qemu.plugins.module_utils import errors
+from ansible_collections.vmimage.qemu.plugins.module_utils._core import errors
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GUIDE = os.path.join(REPO, 'docs', 'guide.md')

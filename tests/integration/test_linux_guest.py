@@ -20,7 +20,7 @@ from support.linux_guest import (
     cached_guest_archive, guest_qemu_args, host_sources, missing_tools, parse_guest_lines,
 )
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
+from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
 
 # TCG boots Debian to userland in ~35-45 s on 2 cores; leave room for a loaded CI host.
 BOOT_TIMEOUT = 300

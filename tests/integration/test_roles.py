@@ -30,10 +30,10 @@ from support.ansible_run import run_plays
 from support.http_server import LocalHTTPServer
 from support.image_factory import make_image_folder, pattern
 
-from ansible_collections.vmimage.qemu.plugins.module_utils import host_probe
-from ansible_collections.vmimage.qemu.plugins.module_utils.host_facts import probe_host
-from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
-from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu import host_probe
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.host_facts import probe_host
+from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 SYSTEM_PYTHON = '/usr/bin/python3'
 KVM = '/dev/kvm'

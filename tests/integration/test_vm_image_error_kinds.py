@@ -22,9 +22,9 @@ from support.http_server import LocalHTTPServer
 from support.image_factory import make_image_folder, pattern
 from support.mounts import mounted_tmpfs
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
-from ansible_collections.vmimage.qemu.plugins.module_utils.instance import InstanceManager
-from ansible_collections.vmimage.qemu.plugins.module_utils.store import ImageStore
+from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
+from ansible_collections.vmimage.qemu.plugins.module_utils._instance.instance import InstanceManager
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 MIB = 1024 * 1024
 needs_mount = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which('mount'), reason='mounting a tmpfs needs root')

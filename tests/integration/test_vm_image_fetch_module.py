@@ -10,7 +10,7 @@ from support.ansible_run import run_playbook
 from support.http_server import LocalHTTPServer
 from support.image_factory import make_image_folder, pattern
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
+from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
 
 SECRET = 's3cr3t-pw-xyz'
 

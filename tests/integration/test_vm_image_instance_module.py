@@ -16,9 +16,9 @@ from support.boot_image import (
 )
 from support.http_server import LocalHTTPServer
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.accelerator import decide_accelerator
-from ansible_collections.vmimage.qemu.plugins.module_utils.archive_writer import write_image_archive
-from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import is_in_use
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.accelerator import decide_accelerator
+from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.image_locks import is_in_use
 
 
 @pytest.fixture(scope='module')

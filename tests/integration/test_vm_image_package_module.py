@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_img import create_overlay
-from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import QEMU_PERM_BASE, locked_bytes
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.qemu_img import create_overlay
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.image_locks import QEMU_PERM_BASE, locked_bytes
 
 from support.ansible_run import run_playbook
 from support.image_factory import data_extents_of, extract_with_gnu_tar, pattern, same_sparse_content

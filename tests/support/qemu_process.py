@@ -19,8 +19,8 @@ import signal
 import subprocess
 import time
 
-from ansible_collections.vmimage.qemu.plugins.module_utils import qemu_locks
-from ansible_collections.vmimage.qemu.plugins.module_utils.qemu_locks import locked_bytes
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu import image_locks as qemu_locks
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.image_locks import locked_bytes
 
 QEMU = shutil.which('qemu-system-x86_64')
 
