@@ -95,6 +95,11 @@ class ImageInUseError(VmImageError):
     kind = 'in_use'
 
 
+class LockTimeoutError(ImageInUseError):
+    """Waiting for a lock ran out: another task has held it for longer than
+    the lock timeout (the same kind as any other "in use")."""
+
+
 class NotFoundError(VmImageError):
     """A named image, alias or instance does not exist."""
 
