@@ -33,8 +33,9 @@ from bench_archive import build_source  # noqa: E402
 FETCH = '''
 import sys
 sys.path.insert(0, sys.argv[1])
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
-ImageStore(sys.argv[2]).fetch(sys.argv[3], alias='bench')
+fetch_image(ImageStore(sys.argv[2]), sys.argv[3], alias='bench')
 '''
 
 

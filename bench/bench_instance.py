@@ -39,6 +39,7 @@ from support.boot_image import make_boot_image_folder  # noqa: E402
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive  # noqa: E402
 from ansible_collections.vmimage.qemu.plugins.module_utils._instance.instance import InstanceManager  # noqa: E402
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore  # noqa: E402
 
 SIZES = (('1GiB', 1 * GIB), ('50GiB', 50 * GIB))
@@ -67,7 +68,7 @@ def build_store(work):
         archive = os.path.join(work, label + '.tar.zst')
         with open(archive, 'wb') as f:
             write_image_archive(folder, f)
-        digests[label] = store.fetch('file://' + archive, alias=label).digest
+        digests[label] = fetch_image(store, 'file://' + archive, alias=label).digest
         shutil.rmtree(folder)
     return store, digests
 

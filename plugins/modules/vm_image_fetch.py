@@ -219,8 +219,9 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.vmimage.qemu.plugins.module_utils._transfer.download import redact_url
 from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import (
     HTTP_ARGUMENT_SPEC, STORE_ARGUMENT_SPEC, argument_spec, download_options, error_result, image_result,
-    secret_values,
 )
+from ansible_collections.vmimage.qemu.plugins.module_utils._transfer.secrets import secret_values
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 
@@ -283,8 +284,8 @@ def main():
             # Check mode on a host without a store: everything would be created.
             module.exit_json(changed=True, image_id=image_id, downloaded=False, source=redact_url(p['url']),
                              elapsed=round(time.monotonic() - started, 3))
-        fetched = store.fetch(
-            p['url'], mirrors=p['mirrors'], checksum=p['checksum'], alias=image_id, force=p['force'],
+        fetched = fetch_image(
+            store, p['url'], mirrors=p['mirrors'], checksum=p['checksum'], alias=image_id, force=p['force'],
             check_mode=module.check_mode, retries=p['retries'], timeout=p['timeout'],
             download_options=download_options(p),
         )

@@ -189,11 +189,10 @@ _REPORTED = ('digest', 'aliases', 'source', 'fetched_at', 'last_used', 'apparent
              'virtual_size', 'validator_version', 'path', 'disk', 'layer', 'instances', 'parent')
 
 
-def _instances(store, digests):
+def _instances(manager, records, digests):
     """The instances (of ``digests`` only, unless None) with the owners of
     their disks, found in one pass over /proc."""
-    manager = InstanceManager(store)
-    records = [r for r in manager.list() if digests is None or r.get('digest') in digests]
+    records = [r for r in records if digests is None or r.get('digest') in digests]
     owners = manager.owners_of_all([r['name'] for r in records])
     return [dict(name=r['name'], image=r.get('image_id'), digest=r.get('digest'), disk=manager.disk_path(r['name']),
                  mac=r.get('mac'), uuid=r.get('uuid'), created_at=r.get('created_at'), owners=owners[r['name']])
@@ -218,13 +217,14 @@ def main():
             module.exit_json(**result)
         else:
             records = list(store.iter_records())
-        aliases = store.aliases()
         for record in records:
-            info = store.describe(record, aliases)
+            info = store.describe(record)
             result['images'].append(dict((k, info.get(k)) for k in _REPORTED))
-        result['instances'] = _instances(store, set(r['digest'] for r in records) if p['image'] else None)
+        manager = InstanceManager(store)
+        instances = manager.list()
+        result['instances'] = _instances(manager, instances, set(r['digest'] for r in records) if p['image'] else None)
         result['usage'] = store.usage()
-        result['usage']['instances'] = len(store.instance_records())
+        result['usage']['instances'] = len(instances)
         module.exit_json(**result)
     except Exception as exc:  # every failure gets an error_kind (error_result)
         module.fail_json(store=store.root, exists=store.exists, **error_result(exc))

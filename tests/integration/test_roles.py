@@ -33,6 +33,7 @@ from support.image_factory import make_image_folder, pattern
 from ansible_collections.vmimage.qemu.plugins.module_utils._qemu import host_probe
 from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.host_facts import probe_host
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 SYSTEM_PYTHON = '/usr/bin/python3'
@@ -224,7 +225,7 @@ def test_absent_removal_and_report(converged, served, tmp_path):
     # The starting state comes from the library itself (a role run less).
     seed = ImageStore(store)
     for key in ('alpha', 'beta'):
-        seed.fetch(served['url'][key], checksum=served['digest'][key], alias=key)
+        fetch_image(seed, served['url'][key], checksum=served['digest'][key], alias=key)
     served['server'].clear_requests()
     wanted = [image_entry(served, 'alpha'), image_entry(served, 'beta', state='absent'), image_entry(served, 'gamma')]
     changed = run_plays(cache(wanted), tmp_path)

@@ -24,6 +24,7 @@ from support.mounts import mounted_tmpfs
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
 from ansible_collections.vmimage.qemu.plugins.module_utils._instance.instance import InstanceManager
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 MIB = 1024 * 1024
@@ -135,7 +136,7 @@ def test_full_and_read_only_file_systems(tmp_path, served):
     with mounted_tmpfs(str(tmp_path / 'full'), 'size=1m') as full, mounted_tmpfs(str(tmp_path / 'ro'), 'size=8m') as ro:
         full_store = os.path.join(full, 'store')
         ro_store = ImageStore(os.path.join(ro, 'store'))
-        ro_store.fetch(small_url, alias='small', checksum=small_digest)
+        fetch_image(ro_store, small_url, alias='small', checksum=small_digest)
         InstanceManager(ro_store).ensure_present('vm', 'small')
         subprocess.run(['mount', '-o', 'remount,ro', ro], check=True)
         run = run_playbook([

@@ -30,6 +30,10 @@ import threading
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
     InvalidArchiveError, LimitExceededError, UnsafeImageError, VmImageError,
 )
+# DISK and LAYER are re-exported for the mutable image code.
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import (  # pylint: disable=unused-import
+    DISK, LAYER, MACHINE, MEMBER_NAMES,
+)
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import DEFAULT_LIMITS
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.tar_format import (
     BLOCK, TarHeader, parse_decimal, parse_old_gnu_sparse_entries, parse_pax_records, type_name,
@@ -37,10 +41,6 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._archive.tar_format i
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.zstd_codec import ZstdFrameTracker, zstd_module
 
-DISK = 'disk.img'
-LAYER = 'layer.qcow2'
-MACHINE = 'machine.json'
-MEMBER_NAMES = (DISK, LAYER, MACHINE)
 
 DECOMPRESS_BUFFER = 4 * 1024 * 1024
 DECOMPRESS_BUFFERS = 4

@@ -23,16 +23,15 @@ import os
 import stat
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import InvalidArchiveError, VmImageError
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import DISK, LAYER, MACHINE, MEMBER_NAMES  # noqa: F401
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.sparse_file import data_extents
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.tar_format import (
     BLOCK, build_ustar_header, padding, pax_record,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.zstd_codec import zstd_module
 
-DISK = 'disk.img'
-LAYER = 'layer.qcow2'
-MACHINE = 'machine.json'
-MEMBER_ORDER = (DISK, LAYER, MACHINE)
+# Deterministic archives: always this order.
+MEMBER_ORDER = MEMBER_NAMES
 
 # GNU tar puts its pid in this name; a constant keeps the archive reproducible.
 SPARSE_MEMBER_NAME = './GNUSparseFile.0/' + DISK

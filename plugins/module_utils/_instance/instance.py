@@ -14,19 +14,18 @@ An instance is a folder ``<store>/instances/<name>/`` holding
   image's size, and the cached files are opened read-only by every VM: one
   image serves any number of instances.
 * ``instance.json``: {name, digest, image_id, mac, uuid, machine, overrides,
-  ...}.  Its presence at exactly that path *is* the instance's reference to
-  the image: ImageStore.users() reads it, so an image with instances can be
-  neither removed nor collected.
+  ...}.  The instance's reference to its image is a reference record of the
+  store (``refs/<image>/instance-…``), written under the store lock before
+  the instance appears and removed after it is gone, so an image with
+  instances can be neither removed nor collected.
 
-Creation happens in ``instances/.new-<name>-<pid>-<random>/<name>/`` (one
-level deeper, so a half-built record is never taken for a reference) and is
-committed by one rename under the store lock, after checking, under that
-same lock, that the image still exists.  Removal renames the folder into an
-``.old-...`` folder under the store lock (the reference is gone at once),
-then deletes it.  Each such work folder holds a ``.lock`` flock for as long
-as its creator lives; a killed process leaves a folder whose lock is free,
-and the next run removes it.  So a crash at any point leaves either no
-instance and no reference, or a complete instance.
+Creation happens in a WorkFolder of ``instances/`` (prefix ``.work-``, so it
+is never taken for an instance) and is committed by one rename under the
+store lock, after checking, under that same lock, that the image still
+exists.  Removal is one rename into that work area (the instance is gone at
+once), then the reference goes, then the files.  A killed process leaves
+only work folders whose lock is free, which the next run collects: either
+no instance, or a complete instance with its reference.
 
 Operations on one instance name are serialised by a per-name lock in
 ``<store>/locks/``; the lock order is name lock, then store lock.
@@ -45,23 +44,20 @@ __metaclass__ = type
 import errno
 import os
 import re
-import shutil
 
-from ansible_collections.vmimage.qemu.plugins.module_utils._archive.reader import DISK, LAYER
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
     ImageInUseError, InvalidMachineError, NoSpaceError, NotFoundError, PermissionDeniedError, StoreError,
-    VmImageError, os_errors,
+    VmImageError, os_error, os_errors,
 )
-from ansible_collections.vmimage.qemu.plugins.module_utils._core.locks import FileLock, try_lock
 from ansible_collections.vmimage.qemu.plugins.module_utils._formats.machine import (
     apply_defaults, is_valid_mac, is_valid_uuid, merge_machine, random_mac, random_uuid, validate_machine,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.command_line import build_qemu_args, machine_accelerator
 from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.qemu_img import create_overlay, qemu_img_info
-from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.image_locks import describe_holders, usage_report
-from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import (
-    INSTANCE_RECORD, fsync_dir, key_name, now, read_json, write_json_atomic,
-)
+from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.image_locks import describe_holders, usage_reports
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.fs import read_json, write_json_atomic
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import DISK, INSTANCE_RECORD, LAYER, now
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.staging import WorkArea
 
 INSTANCE_NAME_PATTERN = r'[A-Za-z0-9][A-Za-z0-9_.-]{0,63}'
 INSTANCE_DISK = 'disk.qcow2'
@@ -69,9 +65,7 @@ INSTANCE_FORMAT = 'qcow2'
 RECORD_VERSION = 1
 
 _NAME_RE = re.compile(INSTANCE_NAME_PATTERN)
-_NEW_PREFIX = '.new-'
-_OLD_PREFIX = '.old-'
-_WORK_LOCK = '.lock'
+_WORK_PREFIX = '.work-'
 # Random MACs are redrawn when they collide; 48 bits make a second draw
 # already rare, so running out means the random source is broken.
 _MAC_ATTEMPTS = 64
@@ -94,11 +88,6 @@ def _fsync_file(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _rmtree(path):
-    # Instance folders are private (0700) but writable: no chmod walk needed.
-    shutil.rmtree(path, ignore_errors=True)
 
 
 class InstanceChange(object):
@@ -124,18 +113,23 @@ class InstanceChange(object):
         return self.action != 'none'
 
 
-class _WorkFolder(object):
-    """A ``.new-``/``.old-`` folder in instances/, owned through its flock."""
+class InstancePlan(object):
+    """A decision of plan_present/plan_remove: ``action`` and the records
+    ``before`` and ``after`` (random fields of a new instance None), the
+    ``owners`` of the disk, and the image record it was decided against.
+    Check mode returns ``change()``; a real run applies exactly this plan."""
 
-    def __init__(self, path, lock):
-        self.path = path
-        self.lock = lock
+    __slots__ = ('action', 'before', 'after', 'owners', 'image_record')
 
-    def drop(self):
-        try:
-            _rmtree(self.path)
-        finally:
-            self.lock.release()
+    def __init__(self, action, before, after, owners, image_record=None):
+        self.action = action
+        self.before = before
+        self.after = after
+        self.owners = owners
+        self.image_record = image_record
+
+    def change(self, cleaned=None):
+        return InstanceChange(self.action, self.before, self.after, self.owners, cleaned=cleaned)
 
 
 class InstanceManager(object):
@@ -143,6 +137,7 @@ class InstanceManager(object):
 
     def __init__(self, store):
         self.store = store
+        self.work = WorkArea(store.instances_dir, prefix=_WORK_PREFIX)
 
     # ------------------------------------------------------------ paths & records
 
@@ -161,33 +156,48 @@ class InstanceManager(object):
         return record
 
     def list(self):
-        """Records of every committed instance, by name."""
-        return [r for r in self.store.instance_records()
-                if isinstance(r, dict) and isinstance(r.get('name'), str) and _NAME_RE.fullmatch(r['name'])]
+        """Records of every committed instance, by name (one pass over instances/)."""
+        try:
+            names = sorted(os.listdir(self.store.instances_dir))
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return []
+            raise os_error(exc, 'list the instances in', self.store.instances_dir, StoreError)
+        records = []
+        for name in names:
+            if not _NAME_RE.fullmatch(name):
+                continue  # work folders (.work-*) and anything that is not an instance
+            record = read_json(os.path.join(self.store.instances_dir, name, INSTANCE_RECORD))
+            if isinstance(record, dict) and record.get('name') == name:
+                records.append(record)
+        return records
 
     def _name_lock(self, name):
-        return FileLock(os.path.join(self.store.locks_dir, 'instance-%s.lock' % key_name(name)),
-                        timeout=self.store.lock_timeout)
+        return self.store.key_lock('instance:' + name)
 
     # ------------------------------------------------------------ owners & reports
 
     def owners(self, name):
-        """Processes holding the instance's disk, as qemu_locks.disk_holders
+        """Processes holding the instance's disk, as image_locks.disk_holders
         reports them ({pid, command, fd, writable, locks}): those holding
         QEMU's image lock on it or having it open for writing.  A lock held by
         a process this user cannot inspect gives one entry with pid and
         command None, so a running VM is never taken for a stopped one.
         """
-        disk = self.disk_path(name)
-        with os_errors('check which processes use', disk, StoreError):
-            in_use, holders, _locks = usage_report(disk)
-        if in_use and not holders:
-            return [{'pid': None, 'command': None, 'fd': None, 'writable': None, 'locks': []}]
-        return holders
+        return self.owners_of_all([name])[name]
 
     def owners_of_all(self, names):
-        """{name: owners} for many instances."""
-        return dict((n, self.owners(n)) for n in names)
+        """{name: owners} for many instances, with one pass over /proc."""
+        disks = dict((name, self.disk_path(name)) for name in names)
+        with os_errors('check which processes use the disks in', self.store.instances_dir, StoreError):
+            reports = usage_reports(list(disks.values()))
+        owners = {}
+        for name, disk in disks.items():
+            in_use, holders, _locks = reports[disk]
+            if in_use and not holders:
+                holders = [{'pid': None, 'command': None, 'fd': None, 'writable': None, 'locks': []}]
+            owners[name] = holders
+        return owners
 
     def expected_chain(self, name, digest):
         """The backing chain an instance of ``digest`` has by construction."""
@@ -226,45 +236,11 @@ class InstanceManager(object):
 
     # ------------------------------------------------------------ work folders
 
-    def _new_work_folder(self, prefix, name):
-        """Create and own a work folder.  Called with the store lock held, so
-        cleanup (which takes it too) never sees the folder before its lock."""
-        path = os.path.join(self.store.instances_dir,
-                            '%s%s-%d-%s' % (prefix, name, os.getpid(), os.urandom(4).hex()))
-        os.mkdir(path, 0o700)
-        try:
-            lock = FileLock(os.path.join(path, _WORK_LOCK), timeout=0).acquire()
-        except BaseException:
-            _rmtree(path)
-            raise
-        return _WorkFolder(path, lock)
-
     def cleanup(self):
         """Remove work folders whose creator died; return their names."""
-        removed = []
         if not os.path.isdir(self.store.instances_dir):
-            return removed
-        with self.store.lock():
-            for entry in sorted(os.listdir(self.store.instances_dir)):
-                if not entry.startswith((_NEW_PREFIX, _OLD_PREFIX)):
-                    continue
-                path = os.path.join(self.store.instances_dir, entry)
-                if not os.path.isdir(path) or os.path.islink(path):
-                    continue
-                try:
-                    held = try_lock(os.path.join(path, _WORK_LOCK))
-                except OSError as exc:
-                    if exc.errno == errno.ENOENT:
-                        continue  # its owner just removed it
-                    raise
-                if held is None:
-                    continue  # owner alive
-                try:
-                    _rmtree(path)
-                    removed.append(entry)
-                finally:
-                    held.release()
-        return removed
+            return []
+        return self.work.collect()
 
     # ------------------------------------------------------------ desired state
 
@@ -385,57 +361,53 @@ class InstanceManager(object):
         with os_errors('create or update instance %s in store' % name, self.store.root, StoreError):
             return self._ensure_present(name, image, mac, machine, recreate, force, check_mode)
 
-    def _ensure_present(self, name, image, mac, machine, recreate, force, check_mode):
+    def plan_present(self, name, image, mac=None, machine=None, recreate=False, force=False):
+        """What ensure_present would do, decided once (reads only): an
+        InstancePlan.  The random fields of a new instance stay None."""
         digest, image_record = self._image(image)
-        if check_mode:
-            current = self.get(name)
-            self._check_same_image(name, current, image, digest, recreate)
-            desired = self._desired(name, digest, image_record, image, mac, machine, current)
-            return self._plan(name, current, desired, force)
+        current = self.get(name)
+        self._check_same_image(name, current, image, digest, recreate)
+        desired = self._desired(name, digest, image_record, image, mac, machine, current)
+        if current is None:
+            return InstancePlan('create', current, desired, [], image_record)
+        if current.get('digest') != digest:
+            owners = self._refuse_if_held(name, force, 'replace')
+            return InstancePlan('replace', current, desired, owners, image_record)
+        owners = self.owners(name)
+        if self._same(current, desired):
+            return InstancePlan('none', current, current, owners, image_record)
+        after = dict(current)
+        after.update((k, desired[k]) for k in ('mac', 'uuid', 'machine', 'overrides'))
+        return InstancePlan('update', current, after, owners, image_record)
 
+    def _ensure_present(self, name, image, mac, machine, recreate, force, check_mode):
+        if check_mode:
+            return self.plan_present(name, image, mac, machine, recreate, force).change()
+        self._image(image)  # a missing image fails before anything is locked or collected
         cleaned = self.cleanup()
         with self._name_lock(name):
-            current = self.get(name)
-            self._check_same_image(name, current, image, digest, recreate)
-            desired = self._desired(name, digest, image_record, image, mac, machine, current)
-            if current is None:
-                after = self._create(name, self._draw_identity(desired, image_record), replace=None)
-                return InstanceChange('create', None, after, cleaned=cleaned)
-            if current.get('digest') != digest:
-                owners = self._refuse_if_held(name, force, 'replace')
-                after = self._create(name, self._draw_identity(desired, image_record), replace=current)
-                return InstanceChange('replace', current, after, owners, cleaned=cleaned)
-            owners = self.owners(name)
-            if self._same(current, desired):
-                return InstanceChange('none', current, current, owners, cleaned=cleaned)
-            after = dict(current)
-            after.update((k, desired[k]) for k in ('mac', 'uuid', 'machine', 'overrides'))
-            after = self._draw_identity(after, image_record)
+            # Decided under the name lock, then applied as decided.
+            plan = self.plan_present(name, image, mac, machine, recreate, force)
+            return self._apply_present(name, plan, cleaned)
+
+    def _apply_present(self, name, plan, cleaned):
+        if plan.action == 'none':
+            return plan.change(cleaned)
+        after = self._draw_identity(dict(plan.after), plan.image_record)
+        if plan.action in ('create', 'replace'):
+            after = self._create(name, after, replace=plan.before)
+        else:
             after['updated_at'] = now()
             with self.store.lock():
                 self._check_mac_free(name, after['mac'])
                 write_json_atomic(os.path.join(self.instance_path(name), INSTANCE_RECORD), after)
-            return InstanceChange('update', current, after, owners, cleaned=cleaned)
+        return InstanceChange(plan.action, plan.before, after, plan.owners, cleaned=cleaned)
 
     @staticmethod
     def _check_same_image(name, current, image, digest, recreate):
         if current is not None and current.get('digest') != digest and not recreate:
             raise StoreError('instance %s was created from image %s (%s), not %s (%s); set recreate to replace it'
                              % (name, current.get('image_id'), current.get('digest'), image, digest))
-
-    def _plan(self, name, current, desired, force):
-        """What ensure_present would do; the random fields of a new instance stay None."""
-        if current is None:
-            return InstanceChange('create', None, desired)
-        if current.get('digest') != desired['digest']:
-            owners = self._refuse_if_held(name, force, 'replace')
-            return InstanceChange('replace', current, desired, owners)
-        owners = self.owners(name)
-        if self._same(current, desired):
-            return InstanceChange('none', current, current, owners)
-        after = dict(current)
-        after.update((k, desired[k]) for k in ('mac', 'uuid', 'machine', 'overrides'))
-        return InstanceChange('update', current, after, owners)
 
     def _refuse_if_held(self, name, force, what):
         owners = self.owners(name)
@@ -453,12 +425,9 @@ class InstanceManager(object):
     def _create(self, name, desired, replace):
         """Build the instance in a work folder, then commit it (see module doc)."""
         layer = os.path.join(self.store.image_path(desired['digest']), LAYER)
-        with self.store.lock():
-            work = self._new_work_folder(_NEW_PREFIX, name)
+        work = self.work.new(name)
         try:
-            staged = os.path.join(work.path, name)
-            os.mkdir(staged, 0o700)
-            disk = os.path.join(staged, INSTANCE_DISK)
+            disk = os.path.join(work.path, INSTANCE_DISK)
             try:
                 create_overlay(disk, layer, 'qcow2', fmt=INSTANCE_FORMAT, limits=self.store.limits)
             except (NoSpaceError, PermissionDeniedError) as exc:
@@ -470,43 +439,52 @@ class InstanceManager(object):
             record = dict(desired)
             record['backing'] = layer
             record['created_at'] = now()
-            write_json_atomic(os.path.join(staged, INSTANCE_RECORD), record)
-            self._commit(name, staged, record, replace)
+            write_json_atomic(os.path.join(work.path, INSTANCE_RECORD), record)
+            self._commit(name, work, record, replace)
             return record
         finally:
-            work.drop()
+            work.discard()
 
-    def _commit(self, name, staged, record, replace):
-        """The reference is taken here: one rename, under the store lock, after
-        checking under that lock that the image is still there."""
+    def _commit(self, name, work, record, replace):
+        """The reference is taken here, under the store lock, after checking
+        under that lock that the image is still there; then one rename."""
         final = self.instance_path(name)
-        old = None
+        refs = self.store.refs
         with self.store.lock():
             if self.store.get_record(record['digest']) is None:
                 raise NotFoundError('image %s was removed while instance %s was being created'
                                     % (record['digest'], name))
             self._check_mac_free(name, record['mac'])
-            if replace is not None:
-                old = self._new_work_folder(_OLD_PREFIX, name)
-                os.rename(final, os.path.join(old.path, name))
-            elif os.path.lexists(final):
+            if replace is None and os.path.lexists(final):
                 raise StoreError('%s exists but holds no instance record; remove it by hand' % final)
+            refs.add(record['digest'], 'instance', name)
+            old = None
             try:
-                os.rename(staged, final)
+                if replace is not None:
+                    # The old instance moves aside (still whole, owned by our
+                    # lock) until the new one is in place.
+                    old = self.work.new(name + '-old')
+                    os.rename(final, os.path.join(old.path, name))
+                try:
+                    work.commit(final)
+                except BaseException:
+                    if old is not None:
+                        os.rename(os.path.join(old.path, name), final)
+                    raise
             except BaseException:
+                if replace is None or replace.get('digest') != record['digest']:
+                    refs.remove(record['digest'], 'instance', name)
                 if old is not None:
-                    # Put the old instance back: its work folder would
-                    # otherwise be cleaned away with it.
-                    os.rename(os.path.join(old.path, name), final)
-                    old.drop()
+                    old.discard()
                 raise
-            fsync_dir(self.store.instances_dir)
+            if replace is not None and replace.get('digest') != record['digest']:
+                refs.remove(replace['digest'], 'instance', name)
+        if old is not None:
+            old.discard()
             try:
                 self.store.touch(record['digest'])
             except (OSError, VmImageError):
-                pass  # last_used is bookkeeping; the instance is committed
-        if old is not None:
-            old.drop()
+                pass  # last use is bookkeeping; the instance is committed
 
     # ------------------------------------------------------------ absent
 
@@ -520,23 +498,25 @@ class InstanceManager(object):
         with os_errors('remove instance %s from store' % name, self.store.root, StoreError):
             return self._remove(name, force, check_mode)
 
-    def _remove(self, name, force, check_mode):
+    def plan_remove(self, name, force=False):
+        """What remove would do (reads only): an InstancePlan."""
         current = self.get(name)
         if current is None:
-            if not check_mode:
-                self.cleanup()
-            return InstanceChange('none', None, None)
+            return InstancePlan('none', None, None, [])
+        return InstancePlan('remove', current, None, self._refuse_if_held(name, force, 'remove'))
+
+    def _remove(self, name, force, check_mode):
         if check_mode:
-            return InstanceChange('remove', current, None, self._refuse_if_held(name, force, 'remove'))
+            return self.plan_remove(name, force).change()
+        if self.get(name) is None:
+            self.cleanup()
+            return InstancePlan('none', None, None, []).change()
         cleaned = self.cleanup()
         with self._name_lock(name):
-            current = self.get(name)
-            if current is None:
-                return InstanceChange('none', None, None, cleaned=cleaned)
-            owners = self._refuse_if_held(name, force, 'remove')
-            with self.store.lock():
-                old = self._new_work_folder(_OLD_PREFIX, name)
-                os.rename(self.instance_path(name), os.path.join(old.path, name))
-                fsync_dir(self.store.instances_dir)
-            old.drop()
-            return InstanceChange('remove', current, None, owners, cleaned=cleaned)
+            plan = self.plan_remove(name, force)
+            if plan.action == 'remove':
+                with self.store.lock():
+                    self.work.trash(self.instance_path(name))
+                    if isinstance(plan.before.get('digest'), str):
+                        self.store.refs.remove(plan.before['digest'], 'instance', name)
+            return plan.change(cleaned)

@@ -14,14 +14,11 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import traceback
-
-from urllib.parse import unquote, urlsplit
-
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import VmImageError, os_error
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import DEFAULT_STORE  # noqa: F401 (re-exported)
 
 # Same value as store.DEFAULT_STORE (a test checks it), written out so that
 # option specs import nothing heavy.
-DEFAULT_STORE = '/var/lib/vm-images'
 
 STORE_ARGUMENT_SPEC = dict(
     store=dict(type='path', default=DEFAULT_STORE),
@@ -70,49 +67,6 @@ def download_options(params):
         http_agent=params.get('http_agent'),
         unredirected_headers=params.get('unredirected_headers') or None,
     )
-
-
-def secret_values(params):
-    """The secrets in a module's params that no_log cannot mark, for
-    ``module.no_log_values``: values of secret headers (download.is_secret_header)
-    in ``headers`` and in mirror entries, mirror passwords (any key of a mirror
-    entry named like a secret header), and passwords in the userinfo of
-    ``url`` and of the mirrors.  Ansible's no_log reaches
-    nested options only of ``elements: dict`` lists, and ``mirrors`` also
-    takes strings.  Never raises on malformed params: it runs before they
-    are checked."""
-    # Imported here: the other modules use this file without the HTTP stack.
-    from ansible_collections.vmimage.qemu.plugins.module_utils._transfer.download import is_secret_header
-
-    found = set()
-
-    def add_headers(headers):
-        if isinstance(headers, dict):
-            found.update(str(value) for name, value in headers.items()
-                         if is_secret_header(name) and value not in (None, ''))
-
-    def add_url(url):
-        try:
-            password = urlsplit(url).password if isinstance(url, str) else None
-        except ValueError:
-            return
-        if password:
-            found.update((password, unquote(password)))
-
-    add_headers(params.get('headers'))
-    add_url(params.get('url'))
-    mirrors = params.get('mirrors')
-    for entry in mirrors if isinstance(mirrors, (list, tuple)) else ():
-        if isinstance(entry, dict):
-            add_url(entry.get('url'))
-            add_headers(entry.get('headers'))
-            # url_password, and a misspelt key that says it holds a secret:
-            # the entry is refused, but the invocation still shows it.
-            add_headers(dict((key, value) for key, value in entry.items()
-                             if key != 'headers' and isinstance(value, (str, int, float))))
-        else:
-            add_url(entry)
-    return found
 
 
 def error_result(exc):

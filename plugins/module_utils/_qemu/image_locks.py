@@ -223,12 +223,14 @@ def _in_qemu_range(lock):
     return start < QEMU_LOCK_END and (end is None or end >= QEMU_LOCK_START)
 
 
-def _open_descriptors(dev, ino):
-    """(pid, fd) of every visible descriptor on the inode (dev, ino)."""
+def _open_descriptors(inodes):
+    """{(dev, ino): [(pid, fd), ...]} of every visible descriptor on any of
+    ``inodes``, found in one pass over /proc whatever their number."""
+    found = dict((inode, []) for inode in inodes)
     try:
         pids = [int(name) for name in os.listdir('/proc') if name.isdigit()]
     except OSError:
-        return
+        return found
     for pid in sorted(pids):
         fd_dir = '/proc/%d/fd' % pid
         try:
@@ -245,8 +247,38 @@ def _open_descriptors(dev, ino):
                 st = os.stat(link)
             except OSError:
                 continue
-            if st.st_ino == ino and st.st_dev == dev:
-                yield pid, fd
+            hits = found.get((st.st_dev, st.st_ino))
+            if hits is not None:
+                hits.append((pid, fd))
+    return found
+
+
+def disk_holders_of(paths, include_readers=False):
+    """{path: holders} for many image files, with one pass over /proc;
+    each value as disk_holders() returns it."""
+    inodes = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        inodes.setdefault((st.st_dev, st.st_ino), []).append(path)
+    descriptors = _open_descriptors(list(inodes))
+    result = dict((path, []) for path in paths)
+    for inode, names in inodes.items():
+        holders = []
+        for pid, fd in descriptors.get(inode, ()):
+            info = _fdinfo(pid, fd)
+            if info is None:
+                continue
+            writable, locks = info
+            if not (include_readers or writable or locks):
+                continue
+            holders.append({'pid': pid, 'command': _command(pid), 'fd': int(fd),
+                            'writable': writable, 'locks': locks})
+        for name in names:
+            result[name] = holders
+    return result
 
 
 def disk_holders(path, include_readers=False):
@@ -259,21 +291,7 @@ def disk_holders(path, include_readers=False):
     name; ``locks`` are the kernel's lines for that descriptor's locks in
     QEMU's range.  Empty when the file does not exist.
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return []
-    holders = []
-    for pid, fd in _open_descriptors(st.st_dev, st.st_ino):
-        info = _fdinfo(pid, fd)
-        if info is None:
-            continue
-        writable, locks = info
-        if not (include_readers or writable or locks):
-            continue
-        holders.append({'pid': pid, 'command': _command(pid), 'fd': int(fd),
-                        'writable': writable, 'locks': locks})
-    return holders
+    return disk_holders_of([path], include_readers)[path]
 
 
 def is_in_use(path):
@@ -300,9 +318,17 @@ def describe_holders(holders):
 
 def usage_report(path):
     """(in_use, holders, lock description) for ``path`` in one pass."""
-    found = locked_bytes(path)
-    holders = disk_holders(path)
-    return bool(found or holders), holders, describe_locks(found)
+    return usage_reports([path])[path]
+
+
+def usage_reports(paths):
+    """{path: (in_use, holders, lock description)} with one pass over /proc."""
+    holders = disk_holders_of(paths)
+    result = {}
+    for path in paths:
+        found = locked_bytes(path)
+        result[path] = (bool(found or holders[path]), holders[path], describe_locks(found))
+    return result
 
 
 def ensure_not_in_use(paths, action):

@@ -58,6 +58,7 @@ import time
 from http.client import HTTPException as _HTTPException
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
+from ansible_collections.vmimage.qemu.plugins.module_utils._transfer.secrets import is_secret_header  # noqa: F401
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
     DownloadError,
     InvalidOptionError,
@@ -99,8 +100,6 @@ DEFAULT_HTTP_AGENT = 'vmimage.qemu/' + COLLECTION_VERSION
 # The keys a mirror given as a dict may have (see check_mirrors).
 MIRROR_KEYS = ('url', 'url_username', 'url_password', 'headers')
 
-_SECRET_HEADER_NAMES = frozenset(['authorization', 'proxy-authorization', 'cookie'])
-_SECRET_HEADER_RE = re.compile(r'(?i)token|secret|key|auth|password')
 _BASIC_CHALLENGE_RE = re.compile(r'(?i)(?:^|[\s,])basic(?:\s|,|$)')
 _DEFAULT_PORTS = {'http': 80, 'https': 443}
 
@@ -188,14 +187,6 @@ def origin_of(url):
     if ':' in host:
         host = '[%s]' % host
     return '%s://%s:%d' % (scheme, host, port)
-
-
-def is_secret_header(name):
-    """Whether a header's value is a secret that no result or message may show:
-    Authorization, Proxy-Authorization, Cookie and any header whose name holds
-    token, secret, key, auth or password."""
-    name = str(name).lower()
-    return name in _SECRET_HEADER_NAMES or _SECRET_HEADER_RE.search(name) is not None
 
 
 def check_mirrors(mirrors):

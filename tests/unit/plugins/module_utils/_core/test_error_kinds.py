@@ -40,6 +40,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
 from ansible_collections.vmimage.qemu.plugins.module_utils._instance.instance import InstanceManager
 from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import error_result
 from ansible_collections.vmimage.qemu.plugins.module_utils._mutable.mutable_image import check_package_options
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 MIB = 1024 * 1024
@@ -162,7 +163,7 @@ def test_error_result_classifies_a_stray_os_error_and_marks_bugs_internal():
 def test_invalid_checksum_is_an_option_error(tmp_path, checksum, words):
     store = ImageStore(str(tmp_path / 'store'))
     with pytest.raises(InvalidOptionError) as info:
-        store.fetch('http://127.0.0.1:9/image.tar.zst', checksum=checksum, alias='x')
+        fetch_image(store, 'http://127.0.0.1:9/image.tar.zst', checksum=checksum, alias='x')
     kind, msg = _only_kind_and_message(info.value)
     assert kind == 'invalid_option' and msg.startswith('invalid checksum ') and words in msg
     assert '<algorithm>:<hex digest> or <algorithm>:<URL of a checksum file>' in msg and 'sha512' in msg
@@ -203,7 +204,7 @@ def test_exhausted_restarts_are_a_download_error(tmp_path, server):
     store = ImageStore(str(tmp_path / 'store'))
     before = _state(store)
     with pytest.raises(DownloadError) as info:
-        store.fetch(url, alias='x', checksum=digest, sleep=lambda seconds: None)
+        fetch_image(store, url, alias='x', checksum=digest, sleep=lambda seconds: None)
     assert not isinstance(info.value, DownloadRestartRequired)
     kind, msg = _only_kind_and_message(info.value)
     assert kind == 'download' and 'pw-secret' not in msg
@@ -235,7 +236,7 @@ def test_full_file_system_fails_the_fetch_with_no_space_and_keeps_nothing(tmp_pa
         store = ImageStore(os.path.join(root, 'store'))
         before, free = _state(store), _free_bytes(root)
         with pytest.raises(NoSpaceError) as info:
-            store.fetch(url, alias='big', checksum=digest)
+            fetch_image(store, url, alias='big', checksum=digest)
         kind, msg = _only_kind_and_message(info.value)
         assert kind == 'no_space'
         assert msg.startswith('cannot extract %s into %s/' % (url, store.staging_dir))
@@ -251,7 +252,7 @@ def test_full_file_system_fails_instance_creation_and_keeps_nothing(tmp_path, se
     url = server.add('/small/image.tar.zst', data)
     with mounted_tmpfs(str(tmp_path / 'fs'), 'size=4m') as root:
         store = ImageStore(os.path.join(root, 'store'))
-        store.fetch(url, alias='small', checksum=digest)
+        fetch_image(store, url, alias='small', checksum=digest)
         manager = InstanceManager(store)
         filler = _fill(root)
         before = _state(store)
@@ -276,22 +277,23 @@ def test_read_only_store_fails_every_change_with_permission(tmp_path, server):
     url_two = server.add('/two/image.tar.zst', two)
     with mounted_tmpfs(str(tmp_path / 'fs'), 'size=8m') as root:
         store = ImageStore(os.path.join(root, 'store'))
-        store.fetch(url_one, alias='one', checksum=one_digest)
+        fetch_image(store, url_one, alias='one', checksum=one_digest)
         manager = InstanceManager(store)
         manager.ensure_present('vm', 'one')
         remount_read_only(root)
         before = _state(store)
         changes = [
-            (lambda: store.fetch(url_two, alias='two', checksum=two_digest),
+            (lambda: fetch_image(store, url_two, alias='two', checksum=two_digest),
              'cannot fetch %s into store %s: read-only file system (%s/' % (url_two, store.root, store.locks_dir)),
             (lambda: store.remove_alias('one'),
              "cannot remove image_id 'one' from store %s: read-only file system (%s/.lock)"
              % (store.root, store.root)),
+            # Instance operations take the instance's own lock first.
             (lambda: manager.ensure_present('vm2', 'one'),
-             'cannot create or update instance vm2 in store %s: read-only file system (%s/.lock)'
-             % (store.root, store.root)),
+             'cannot create or update instance vm2 in store %s: read-only file system (%s/'
+             % (store.root, store.locks_dir)),
             (lambda: manager.remove('vm'),
-             'cannot remove instance vm from store %s: read-only file system (%s/.lock)' % (store.root, store.root)),
+             'cannot remove instance vm from store %s: read-only file system (%s/' % (store.root, store.locks_dir)),
             (lambda: ImageStore(os.path.join(root, 'other')),
              'cannot create store %s: read-only file system' % os.path.join(root, 'other')),
         ]
@@ -321,6 +323,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 from ansible_collections.vmimage.qemu.plugins.module_utils._instance.instance import InstanceManager
 from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import error_result
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 root, url, fresh = sys.argv[2:5]
@@ -334,8 +337,8 @@ def report():
 steps = [
     ('report', report),
     ('resolve', lambda: ImageStore(root, create=False).resolve('one')),
-    ('fetch', lambda: ImageStore(root).fetch(url, alias='two')),
-    ('new store', lambda: ImageStore(fresh).fetch(url, alias='two')),
+    ('fetch', lambda: fetch_image(ImageStore(root), url, alias='two')),
+    ('new store', lambda: fetch_image(ImageStore(fresh), url, alias='two')),
     ('instance', lambda: InstanceManager(ImageStore(root, create=False)).ensure_present('vm2', 'one')),
     ('remove', lambda: InstanceManager(ImageStore(root, create=False)).remove('vm')),
 ]
@@ -378,7 +381,7 @@ def test_store_of_another_user_fails_with_permission_not_an_empty_answer(tmp_pat
     data, digest = _archive(tmp_path, 'one')
     url = server.add('/one/image.tar.zst', data)
     store = ImageStore(os.path.join(shared_folder, 'store'))  # root's, mode 0700
-    store.fetch(url, alias='one', checksum=digest)
+    fetch_image(store, url, alias='one', checksum=digest)
     InstanceManager(store).ensure_present('vm', 'one')
     before = _state(store)
     fresh = os.path.join(shared_folder, 'fresh')

@@ -32,6 +32,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import I
 from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.validator import validate_image_folder
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import GIB, MIB, ImageLimits
 from ansible_collections.vmimage.qemu.plugins.module_utils._formats.qcow2 import check_layer_file
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 pytestmark = pytest.mark.skipif(shutil.which('qemu-img') is None or shutil.which('qemu-io') is None,
@@ -667,14 +668,14 @@ def test_fetch_without_qemu_img_refuses_a_corrupt_layer_and_keeps_the_store(tmp_
         good = io.BytesIO()
         good_digest = write_image_archive(_folder_with(tmp_path, 'good', None), good).digest
         good_url = server.add('/good.tar.zst', good.getvalue())
-        assert store.fetch(good_url, alias='base').digest == good_digest
+        assert fetch_image(store, good_url, alias='base').digest == good_digest
         before = (sorted(os.listdir(store.images_dir)), store.aliases())
 
         bad = io.BytesIO()
         write_image_archive(_folder_with(tmp_path, 'bad', _l2_into_l1), bad)
         bad_url = server.add('/bad.tar.zst', bad.getvalue())
         with pytest.raises(InvalidArchiveError) as err:
-            store.fetch(bad_url, alias='bad')
+            fetch_image(store, bad_url, alias='bad')
         assert err.value.kind == 'invalid_archive'
         assert 'layer.qcow2: L2 table at 0x40000, entry 0 points at 0x30000, inside the L1 table' in str(err.value)
         after_bad = (sorted(os.listdir(store.images_dir)), store.aliases())
@@ -688,5 +689,5 @@ def test_fetch_without_qemu_img_refuses_a_corrupt_layer_and_keeps_the_store(tmp_
         compressed_layer(tmp_path / 'compressed')
         compressed_digest = write_image_archive(folder, compressed).digest
         compressed_url = server.add('/compressed.tar.zst', compressed.getvalue())
-        assert store.fetch(compressed_url, alias='packed').digest == compressed_digest
+        assert fetch_image(store, compressed_url, alias='packed').digest == compressed_digest
     assert len(os.listdir(store.images_dir)) == 2

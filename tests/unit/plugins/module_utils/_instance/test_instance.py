@@ -38,6 +38,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._formats.machine impo
 from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.accelerator import decide_accelerator
 from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.qemu_img import qemu_img_info
 from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.image_locks import is_in_use
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
 COLLECTIONS = os.environ.get('ANSIBLE_COLLECTIONS_PATH', '')
@@ -66,7 +67,7 @@ def served(tmp_path_factory):
 def store(tmp_path, served):
     store = ImageStore(str(tmp_path / 'store'))
     url, digest = served['boot']
-    assert store.fetch(url, alias='boot').digest == digest
+    assert fetch_image(store, url, alias='boot').digest == digest
     return store
 
 
@@ -254,7 +255,7 @@ def test_200_instances_cost_only_their_overlays(tmp_path, served):
     data, digest = _archive(folder)
     store = ImageStore(str(tmp_path / 'store'))
     with LocalHTTPServer() as srv:
-        store.fetch(srv.add('/big.tar.zst', data), alias='big')
+        fetch_image(store, srv.add('/big.tar.zst', data), alias='big')
     manager = InstanceManager(store)
 
     def allocated(root):
@@ -276,10 +277,13 @@ def test_200_instances_cost_only_their_overlays(tmp_path, served):
     per_overlay = max(os.stat(p).st_blocks * 512 for p in overlays)
     assert per_overlay <= 512 * 1024, 'an empty overlay is a few hundred KiB at most, whatever the image'
     instances_cost = allocated(store.instances_dir)
+    refs_cost = allocated(store.refs_dir)
     assert store.image_allocated(digest) == image_before, 'the image is never copied'
-    # Everything the store grew by is the instances' own folders (overlay + record each).
+    # Everything the store grew by is the instances' own folders (overlay +
+    # record each) and their reference records (one small file each).
     grown = allocated(store.root) - store_before
-    assert grown <= instances_cost + 64 * 1024
+    assert refs_cost <= 200 * 8 * 1024
+    assert grown <= instances_cost + refs_cost + 64 * 1024
     assert instances_cost <= 200 * (per_overlay + 16 * 1024) + 64 * 1024
     assert len(store.users(digest)) == 200
     assert elapsed / 200 < 0.5, 'creation took %.0f ms each' % (elapsed / 200 * 1000)
@@ -328,6 +332,7 @@ def test_failed_creation_releases_its_reference(store, manager, monkeypatch):
 _KILL_SCRIPT = textwrap.dedent('''
     import os, signal, sys
     sys.path.insert(0, sys.argv[1])
+    from ansible_collections.vmimage.qemu.plugins.module_utils._core import staging
     from ansible_collections.vmimage.qemu.plugins.module_utils._instance import instance
     from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
 
@@ -338,8 +343,10 @@ _KILL_SCRIPT = textwrap.dedent('''
     manager = instance.InstanceManager(ImageStore(store))
     if point == 'before_commit':
         instance.InstanceManager._commit = die
-    else:  # after the rename, before the work folder is dropped
-        instance._WorkFolder.drop = die
+    elif action == 'create':  # after the rename, before the work folder's lock is gone
+        staging.WorkFolder._release = die
+    else:  # after the rename into the work area, before the files are deleted
+        staging.remove_tree = die
     if action == 'create':
         manager.ensure_present(name, 'boot')
     else:
@@ -360,10 +367,11 @@ def test_killed_run_leaves_a_consistent_store_for_the_next_one(store, manager, t
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()
 
     debris = _work_folders(store)
-    assert len(debris) == 1
+    assert len(debris) in (1, 2)
     if point == 'before_commit':
         # The overlay was made, the reference was not: nothing holds the image.
-        assert os.path.exists(os.path.join(store.instances_dir, debris[0], 'x', 'disk.qcow2'))
+        folder = [d for d in debris if not d.endswith('.lock')][0]
+        assert os.path.exists(os.path.join(store.instances_dir, folder, 'disk.qcow2'))
         assert manager.get('x') is None and store.users(digest) == []
         assert store.remove_alias('boot', check_mode=True) == (True, digest)
     elif action == 'create':
@@ -382,19 +390,19 @@ def test_killed_run_leaves_a_consistent_store_for_the_next_one(store, manager, t
 
 
 def test_cleanup_spares_work_folders_of_live_runs(store, manager):
-    with store.lock():
-        work = manager._new_work_folder('.new-', 'busy')
+    work = manager.work.new('busy')
     try:
         assert manager.cleanup() == []
         assert os.path.isdir(work.path)
     finally:
-        work.lock.release()
-    assert manager.cleanup() == [os.path.basename(work.path)]
+        work._lock.release()  # as if its process died: the lock goes, the folder stays
+    assert manager.cleanup() == [work.name]
+    assert _work_folders(store) == []
 
 
 def test_recreate_replaces_an_instance_of_another_image(store, manager, served):
     url, other = served['boot2']
-    store.fetch(url, alias='boot2')
+    fetch_image(store, url, alias='boot2')
     first = manager.ensure_present('a', 'boot', machine={'memory': 48}).after
     with pytest.raises(StoreError, match='set recreate'):
         manager.ensure_present('a', 'boot2')
@@ -417,12 +425,12 @@ def test_recreate_replaces_an_instance_of_another_image(store, manager, served):
 
 
 def test_failed_replace_keeps_the_old_instance(store, manager, served, monkeypatch):
-    store.fetch(served['boot2'][0], alias='boot2')
+    fetch_image(store, served['boot2'][0], alias='boot2')
     first = manager.ensure_present('a', 'boot').after
     real_rename = os.rename
 
     def failing_commit(src, dst):
-        if '/.new-' in str(src) and str(dst) == manager.instance_path('a'):
+        if '/.work-' in str(src) and str(dst) == manager.instance_path('a') and '-old-' not in str(src):
             raise OSError(errno.EIO, 'simulated I/O error')
         return real_rename(src, dst)
     monkeypatch.setattr(os, 'rename', failing_commit)

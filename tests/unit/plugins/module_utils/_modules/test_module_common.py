@@ -11,6 +11,7 @@ import io
 from ansible_collections.vmimage.qemu.plugins.module_utils._transfer import download
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._modules import common as module_common
+from ansible_collections.vmimage.qemu.plugins.module_utils._transfer import secrets
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._store import store
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import _HashingSink
@@ -55,10 +56,10 @@ def test_secret_values_reach_what_no_log_cannot():
                  {'url': 'http://m3/img', 'passwd': 'typo', 'secret': 's3'},
                  42],
     )
-    assert module_common.secret_values(params) == {
+    assert secrets.secret_values(params) == {
         'url%40pw', 'url@pw', 'Bearer t1', 'k1', 'm%3Apw', 'm:pw', 'p2', 'c=1', 's3'}
     # Run before the params are checked: anything malformed is skipped.
-    assert module_common.secret_values(dict(headers='x', mirrors='y', url='http://[bad/')) == set()
+    assert secrets.secret_values(dict(headers='x', mirrors='y', url='http://[bad/')) == set()
 
 
 def test_download_options_carry_every_http_option():

@@ -234,7 +234,7 @@ def test_invisible_holder_is_reported_without_a_pid(disk, monkeypatch):
     locker = start_holder(disk, start=100, length=1)
     try:
         # As if the locking process belonged to another user (no /proc access).
-        monkeypatch.setattr(qemu_locks, '_open_descriptors', lambda dev, ino: iter(()))
+        monkeypatch.setattr(qemu_locks, '_open_descriptors', lambda inodes: dict((inode, []) for inode in inodes))
         with pytest.raises(ImageInUseError) as info:
             ensure_not_in_use([disk], 'pack it')
         assert 'a process this user cannot see' in str(info.value)
@@ -249,5 +249,30 @@ def test_command_names_the_program_without_its_arguments(disk):
         (entry,) = disk_holders(disk)
         assert entry['command'] == os.path.basename(sys.executable)
         assert _LOCKER.strip().splitlines()[0] not in entry['command']
+    finally:
+        stop_holder(holder)
+
+
+def test_many_disks_cost_one_pass_over_proc(tmp_path, monkeypatch):
+    disks = []
+    for i in range(5):
+        path = tmp_path / ('d%d.img' % i)
+        path.write_bytes(b'\0' * 4096)
+        disks.append(str(path))
+    holder = start_holder(disks[3], mode='rw')
+    try:
+        listings = []
+        real_listdir = os.listdir
+
+        def counting_listdir(path):
+            if path == '/proc':
+                listings.append(path)
+            return real_listdir(path)
+        monkeypatch.setattr(os, 'listdir', counting_listdir)
+        found = qemu_locks.disk_holders_of(disks)
+        monkeypatch.undo()
+        assert len(listings) == 1, 'one walk of /proc for all the disks'
+        assert [len(found[d]) for d in disks] == [0, 0, 0, 1, 0]
+        assert found[disks[3]] == disk_holders(disks[3])
     finally:
         stop_holder(holder)

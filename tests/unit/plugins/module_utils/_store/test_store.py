@@ -27,6 +27,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer impor
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
     ChecksumMismatchError, DownloadError, ImageInUseError, NotFoundError, UnsafeImageError, InvalidArchiveError,
 )
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore, write_json_atomic
 
 COLLECTIONS = os.environ.get('ANSIBLE_COLLECTIONS_PATH', '')
@@ -64,7 +65,7 @@ def test_fetch_commits_validated_image_and_second_run_is_offline(tmp_path, serve
     data, digest = _archive(tmp_path)
     url = server.add('/a/image.tar.zst', data)
     store = ImageStore(str(tmp_path / 'store'))
-    first = store.fetch(url, alias='builder')
+    first = fetch_image(store, url, alias='builder')
     assert first.changed and first.downloaded
     assert first.digest == digest
     path = store.image_path(digest)
@@ -79,7 +80,7 @@ def test_fetch_commits_validated_image_and_second_run_is_offline(tmp_path, serve
     assert oct(os.stat(store.root).st_mode & 0o777) == '0o700'
 
     server.clear_requests()
-    again = store.fetch(url, alias='builder')
+    again = fetch_image(store, url, alias='builder')
     assert not again.changed and not again.downloaded and again.digest == digest
     assert server.requests == [], 'an image that is present must cost no network I/O'
     _store_is_clean(store)
@@ -88,10 +89,10 @@ def test_fetch_commits_validated_image_and_second_run_is_offline(tmp_path, serve
 def test_persistent_across_store_objects_and_digest_shortcut(tmp_path, server):
     data, digest = _archive(tmp_path)
     url = server.add('/image.tar.zst', data)
-    ImageStore(str(tmp_path / 'store')).fetch(url, alias='one')
+    fetch_image(ImageStore(str(tmp_path / 'store')), url, alias='one')
     server.clear_requests()
     store = ImageStore(str(tmp_path / 'store'))  # a new process would see the same
-    result = store.fetch('http://127.0.0.1:9/never-used', alias='two', checksum=digest)
+    result = fetch_image(store, 'http://127.0.0.1:9/never-used', alias='two', checksum=digest)
     assert result.changed and not result.downloaded and result.digest == digest
     assert server.requests == []
     assert sorted(store.aliases()) == ['one', 'two']
@@ -103,7 +104,7 @@ def test_checksum_mismatch_leaves_nothing(tmp_path, server):
     url = server.add('/image.tar.zst', data)
     store = ImageStore(str(tmp_path / 'store'))
     with pytest.raises(ChecksumMismatchError) as err:
-        store.fetch(url, alias='x', checksum='sha256:' + '0' * 64)
+        fetch_image(store, url, alias='x', checksum='sha256:' + '0' * 64)
     assert 'expected sha256:' + '0' * 64 in str(err.value)
     assert os.listdir(store.images_dir) == [] and store.aliases() == {}
     _store_is_clean(store)
@@ -116,12 +117,12 @@ def test_checksum_file_url_and_sha512(tmp_path, server):
     sums = '%s  image.tar.zst\n%s  other.tar.zst\n' % (hashlib.sha512(data).hexdigest(), 'ab' * 64)
     sums_url = server.add('/rel/SHA512SUMS', sums.encode())
     store = ImageStore(str(tmp_path / 'store'))
-    result = store.fetch(url, alias='x', checksum='sha512:' + sums_url)
+    result = fetch_image(store, url, alias='x', checksum='sha512:' + sums_url)
     assert result.digest == digest
     assert store.get_record(digest)['digests']['sha512'] == hashlib.sha512(data).hexdigest()
     # A sha512 hex digest finds the stored image without downloading.
     server.clear_requests()
-    again = store.fetch(url, alias='y', checksum='sha512:' + hashlib.sha512(data).hexdigest())
+    again = fetch_image(store, url, alias='y', checksum='sha512:' + hashlib.sha512(data).hexdigest())
     assert not again.downloaded and again.digest == digest and server.requests == []
 
 
@@ -130,7 +131,7 @@ def test_resume_after_cut_fetches_only_the_rest(tmp_path, server):
     cut = len(data) // 2
     url = server.add('/image.tar.zst', data, cut_after=cut)
     store = ImageStore(str(tmp_path / 'store'))
-    result = store.fetch(url, alias='x', sleep=lambda s: None)
+    result = fetch_image(store, url, alias='x', sleep=lambda s: None)
     assert result.digest == digest and result.resumed == 1
     bodies = _bodies(server, '/image.tar.zst')
     assert [b.status for b in bodies] == [200, 206]
@@ -142,7 +143,7 @@ def test_restart_when_server_ignores_range(tmp_path, server):
     data, digest = _archive(tmp_path, disk_size=16 * 1024 * 1024)
     url = server.add('/image.tar.zst', data, cut_after=len(data) // 3, no_range=True)
     store = ImageStore(str(tmp_path / 'store'))
-    result = store.fetch(url, alias='x', sleep=lambda s: None)
+    result = fetch_image(store, url, alias='x', sleep=lambda s: None)
     assert result.digest == digest and result.restarts == 1
     _store_is_clean(store)
 
@@ -151,7 +152,7 @@ def test_http_errors_leave_store_as_it_was(tmp_path, server):
     url = server.add('/missing.tar.zst', b'', status=404)
     store = ImageStore(str(tmp_path / 'store'))
     with pytest.raises(DownloadError) as err:
-        store.fetch(url, alias='x', sleep=lambda s: None)
+        fetch_image(store, url, alias='x', sleep=lambda s: None)
     assert '404' in str(err.value) and '/missing.tar.zst' in str(err.value)
     assert store.aliases() == {}
     _store_is_clean(store)
@@ -168,7 +169,7 @@ def test_invalid_image_is_rejected_and_nothing_kept(tmp_path, server):
     url = server.add('/bad.tar.zst', out.getvalue())
     store = ImageStore(str(tmp_path / 'store'))
     with pytest.raises(UnsafeImageError) as err:
-        store.fetch(url, alias='bad')
+        fetch_image(store, url, alias='bad')
     assert '/etc/passwd' in str(err.value)
     assert os.listdir(store.images_dir) == [] and store.aliases() == {}
     _store_is_clean(store)
@@ -178,7 +179,7 @@ def test_garbage_is_rejected(tmp_path, server):
     url = server.add('/junk.tar.zst', os.urandom(100000))
     store = ImageStore(str(tmp_path / 'store'))
     with pytest.raises(InvalidArchiveError):
-        store.fetch(url, alias='junk')
+        fetch_image(store, url, alias='junk')
     _store_is_clean(store)
 
 
@@ -188,13 +189,13 @@ def test_alias_follows_url_change_and_force(tmp_path, server):
     url1 = server.add('/v1.tar.zst', data1)
     url2 = server.add('/v2.tar.zst', data2)
     store = ImageStore(str(tmp_path / 'store'))
-    assert store.fetch(url1, alias='builder').digest == digest1
-    moved = store.fetch(url2, alias='builder')
+    assert fetch_image(store, url1, alias='builder').digest == digest1
+    moved = fetch_image(store, url2, alias='builder')
     assert moved.changed and moved.digest == digest2 and moved.previous_digest == digest1
     assert store.resolve('builder') == digest2
     # force re-downloads; same content means nothing changed in the store.
     server.clear_requests()
-    forced = store.fetch(url2, alias='builder', force=True)
+    forced = fetch_image(store, url2, alias='builder', force=True)
     assert forced.downloaded and not forced.changed and len(_bodies(server, '/v2.tar.zst')) == 1
 
 
@@ -202,7 +203,7 @@ def test_check_mode_does_nothing(tmp_path, server):
     data, digest = _archive(tmp_path)
     url = server.add('/image.tar.zst', data)
     store = ImageStore(str(tmp_path / 'store'))
-    result = store.fetch(url, alias='x', check_mode=True)
+    result = fetch_image(store, url, alias='x', check_mode=True)
     assert result.changed and not result.downloaded
     assert server.requests == [] and store.aliases() == {}
 
@@ -211,24 +212,33 @@ def test_remove_alias_rules(tmp_path, server):
     data, digest = _archive(tmp_path)
     url = server.add('/image.tar.zst', data)
     store = ImageStore(str(tmp_path / 'store'))
-    store.fetch(url, alias='a')
-    store.fetch(url, alias='b')
+    fetch_image(store, url, alias='a')
+    fetch_image(store, url, alias='b')
     assert store.remove_alias('a') == (True, None)  # 'b' still names the image
     assert os.path.isdir(store.image_path(digest))
-    # An instance record keeps the image alive.
+    # An instance (its record and its reference, as InstanceManager makes
+    # them) keeps the image alive.
     inst = os.path.join(store.instances_dir, 'vm1')
     os.mkdir(inst)
     write_json_atomic(os.path.join(inst, 'instance.json'), {'name': 'vm1', 'digest': digest})
-    with pytest.raises(ImageInUseError) as err:
-        store.remove_alias('b')
-    assert 'instance vm1' in str(err.value)
+    with store.lock():
+        store.refs.add(digest, 'instance', 'vm1')
+    for check_mode in (True, False):
+        with pytest.raises(ImageInUseError) as err:
+            store.remove_alias('b', check_mode=check_mode)
+        assert 'instance vm1' in str(err.value)
     assert store.resolve('b') == digest
+    # The instance goes but its reference stays behind (a process killed
+    # between the two): the reference no longer blocks anything.
     os.unlink(os.path.join(inst, 'instance.json'))
     os.rmdir(inst)
+    assert [(r.kind, r.key) for r in store.refs.of(digest)] == [('alias', 'b'), ('instance', 'vm1')]
+    assert store.users(digest) == [], 'a reference whose holder is gone does not count'
     assert store.remove_alias('b', check_mode=True) == (True, digest)
     assert store.resolve('b') == digest
     assert store.remove_alias('b') == (True, digest)
     assert not os.path.exists(store.image_path(digest))
+    assert store.refs.of(digest) == [] and store.refs.digests() == [], 'the image took its records along'
     assert store.remove_alias('b') == (False, None)
     with pytest.raises(NotFoundError):
         store.resolve('b')
@@ -238,8 +248,9 @@ def test_remove_alias_rules(tmp_path, server):
 _FETCH_SCRIPT = textwrap.dedent('''
     import json, sys
     sys.path.insert(0, sys.argv[1])
+    from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
     from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
-    r = ImageStore(sys.argv[2]).fetch(sys.argv[3], alias=sys.argv[4])
+    r = fetch_image(ImageStore(sys.argv[2]), sys.argv[3], alias=sys.argv[4])
     print(json.dumps({"digest": r.digest, "downloaded": r.downloaded}))
 ''')
 
@@ -303,7 +314,7 @@ def test_sigkill_mid_fetch_does_not_block_or_poison_the_next(tmp_path, server):
     assert os.listdir(store.staging_dir), 'the killed fetch should have left debris to clean'
     assert os.listdir(store.images_dir) == [], 'a half image must never be visible'
     start = time.monotonic()
-    result = store.fetch(url, alias='x')
+    result = fetch_image(store, url, alias='x')
     assert result.digest == digest and result.downloaded
     assert time.monotonic() - start < 20, 'the dead fetch must not block the next one'
     _store_is_clean(store)
@@ -313,8 +324,8 @@ def test_derived_names_only(tmp_path, server):
     data, digest = _archive(tmp_path)
     url = server.add('/image.tar.zst', data)
     store = ImageStore(str(tmp_path / 'store'))
-    store.fetch(url, alias='../../etc/evil')
-    store.fetch(url, alias='/absolute')
+    fetch_image(store, url, alias='../../etc/evil')
+    fetch_image(store, url, alias='/absolute')
     for name in os.listdir(store.aliases_dir):
         assert len(name) == 64 + 5 and name.endswith('.json')
     assert sorted(store.aliases()) == ['../../etc/evil', '/absolute']
@@ -324,7 +335,7 @@ def test_derived_names_only(tmp_path, server):
 def test_stray_files_in_instances_do_not_break_the_store(tmp_path, server):
     data, digest = _archive(tmp_path)
     store = ImageStore(str(tmp_path / 'store'))
-    store.fetch(server.add('/image.tar.zst', data), alias='a')
+    fetch_image(store, server.add('/image.tar.zst', data), alias='a')
     with open(os.path.join(store.instances_dir, 'stray-file'), 'w') as f:
         f.write('x')
     assert store.users(digest) == []
