@@ -237,14 +237,17 @@ def info_call(mod, timers, root):
         timers[phase] = 0.0
     _StandInModule.args = {'store': root, 'image': None}
     t = time.perf_counter()
+    finished = None
     try:
         mod.main()
-        raise AssertionError('vm_image_info main() returned without exit_json')
     except _ModuleDone as done:
-        total = time.perf_counter() - t
-        if done.failed:
-            raise AssertionError('vm_image_info failed: %s' % done.result.get('msg'))
-        result = done.result
+        finished = done
+    total = time.perf_counter() - t
+    if finished is None:
+        raise AssertionError('vm_image_info main() returned without exit_json')
+    if finished.failed:
+        raise AssertionError('vm_image_info failed: %s' % finished.result.get('msg'))
+    result = finished.result
     phases = dict(timers)
     phases['other'] = total - sum(timers.values())
     phases['total'] = total
