@@ -18,8 +18,12 @@ description:
   - Creates it blank (O(size_gib) and O(machine)) or from an existing C(image.tar.zst) (O(from_archive)) when
     O(path) does not exist.
   - With O(dest), packs it into an C(image.tar.zst) the other modules of the collection (and GNU tar with the
-    zstd CLI) read. The archive is written under a temporary name beside O(dest) and renamed only when it is
-    complete; a failure leaves neither a partial archive nor temporary files.
+    zstd CLI) read. The archive is written in a work folder C(.vmimage-work-pack-*) beside O(dest) and renamed
+    onto O(dest) only when it is complete; a failure leaves neither a partial archive nor temporary files.
+  - New images are built in a work folder beside O(path) and appear by one rename; O(state=absent) renames the
+    folder into a work folder before deleting it. A task killed at any point (even with C(SIGKILL)) leaves
+    only C(.vmimage-work-*) names, which the next run beside them (in O(path)'s or O(dest)'s folder) removes.
+    Nothing else in those folders is touched.
   - Packing is deterministic, so the same folder always gives the same bytes. A sidecar file
     C(<dest>.vmimage.json) records what the archive was made from; when nothing changed since, the module
     reports no change after a few C(stat) calls, without reading the disk or compressing anything.
@@ -319,9 +323,9 @@ def _present(module, image, started):
         after['disk_size'] = facts.get('disk_size')
         after['machine'] = facts.get('machine')
     else:
-        if not module.check_mode:
+        if not module.check_mode and p['dest'] is None:
             # What killed tasks left beside the image goes, even when this
-            # run only looks at it.
+            # run only looks at it (a pack collects on its own).
             image.collect()
         source = image.inspect()
         facts = _image_facts(image, source)

@@ -47,6 +47,7 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -663,7 +664,9 @@ class MutableImage(object):
             # O_NONBLOCK: a FIFO given by mistake must fail, not hang.
             fd = os.open(archive, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as exc:
-            raise _error('read archive', archive, exc)
+            # A missing archive is not_found, as check mode always said.
+            raise os_error(exc, 'read archive', archive,
+                           NotFoundError if exc.errno == errno.ENOENT else VmImageError)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise VmImageError('archive %s is not a regular file' % archive)

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
-from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import LockTimeoutError
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import LockTimeoutError, NotFoundError
 from ansible_collections.vmimage.qemu.plugins.module_utils._mutable import mutable_image as mi
 from ansible_collections.vmimage.qemu.plugins.module_utils._mutable.mutable_image import MutableImage
 
@@ -217,3 +217,16 @@ def test_check_mode_and_real_run_share_the_plan(space):
     removal = img.plan_dispose()
     assert removal.remove is True and os.path.isdir(img.path)
     assert MutableImage(str(space / 'none')).plan_dispose().remove is False
+
+
+def test_plan_create_refuses_what_create_refuses(space):
+    missing = str(space / 'missing.tar.zst')
+    for attempt in (lambda: MutableImage(str(space / 'new')).plan_create(archive=missing),
+                    lambda: MutableImage.create_from_archive(str(space / 'new'), missing)):
+        with pytest.raises(NotFoundError, match='cannot read archive .*missing.tar.zst: No such file'):
+            attempt()
+    with pytest.raises(NotFoundError, match='parent folder'):
+        MutableImage(str(space / 'no' / 'new')).plan_create(size_gib=1)
+    with pytest.raises(NotFoundError, match='give size_gib'):
+        MutableImage(str(space / 'new')).plan_create()
+    assert listing(space) == ['notes.txt']
