@@ -18,8 +18,12 @@ description:
   - Creates it blank (O(size_gib) and O(machine)) or from an existing C(image.tar.zst) (O(from_archive)) when
     O(path) does not exist.
   - With O(dest), packs it into an C(image.tar.zst) the other modules of the collection (and GNU tar with the
-    zstd CLI) read. The archive is written under a temporary name beside O(dest) and renamed only when it is
-    complete; a failure leaves neither a partial archive nor temporary files.
+    zstd CLI) read. The archive is written in a work folder C(.vmimage-work-pack-*) beside O(dest) and renamed
+    onto O(dest) only when it is complete; a failure leaves neither a partial archive nor temporary files.
+  - New images are built in a work folder beside O(path) and appear by one rename; O(state=absent) renames the
+    folder into a work folder before deleting it. A task killed at any point (even with C(SIGKILL)) leaves
+    only C(.vmimage-work-*) names, which the next run beside them (in O(path)'s or O(dest)'s folder) removes.
+    Nothing else in those folders is touched.
   - Packing is deterministic, so the same folder always gives the same bytes. A sidecar file
     C(<dest>.vmimage.json) records what the archive was made from; when nothing changed since, the module
     reports no change after a few C(stat) calls, without reading the disk or compressing anything.
@@ -257,7 +261,6 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import D
 from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common import error_result
 from ansible_collections.vmimage.qemu.plugins.module_utils._mutable.mutable_image import (
     DEFAULT_LEVEL, DEFAULT_MAX_SIZE_GIB, FORMAT, MutableImage, blank_machine, check_package_options,
-    check_size_gib,
 )
 
 
@@ -273,12 +276,11 @@ def _image_facts(image, source=None, machine=None, disk_size=None):
 
 
 def _absent(module, image, started):
-    p = module.params
-    existed = image.exists()
-    removed = image.dispose(force=p['force'], check_mode=module.check_mode) if existed else False
-    result = dict(changed=removed, path=image.path, removed=removed and not module.check_mode)
+    # One decision (plan_dispose): check mode reports it, a real run applies it.
+    plan = image.remove(force=module.params['force'], check_mode=module.check_mode)
+    result = dict(changed=plan.remove, path=image.path, removed=plan.remove and not module.check_mode)
     if module._diff:
-        result['diff'] = dict(before={'path': image.path, 'state': 'present' if existed else 'absent'},
+        result['diff'] = dict(before={'path': image.path, 'state': 'present' if plan.remove else 'absent'},
                               after={'path': image.path, 'state': 'absent'})
     result['elapsed'] = round(time.monotonic() - started, 3)
     module.exit_json(**result)
@@ -286,29 +288,17 @@ def _absent(module, image, started):
 
 def _create(module, image):
     """Create the image (or, in check mode, say what would be created).
-    Returns the facts of the new image."""
+    Returns the CreatePlan and the facts of the new image."""
     p = module.params
-    if p['from_archive']:
-        if module.check_mode:
-            if not os.path.isfile(p['from_archive']):
-                module.fail_json(msg='from_archive %s is not a file' % p['from_archive'], path=image.path,
-                                 error_kind='not_found')
-            return _image_facts(image)
-        image = MutableImage.create_from_archive(image.path, p['from_archive'],
-                                                 use_qemu_img=p['validate_with_qemu_img'])
-        return _image_facts(image, image.inspect())
-    if p['size_gib'] is None:
-        module.fail_json(msg='%s does not exist; give size_gib (and machine) to create a blank image, or '
-                             'from_archive to create it from an archive' % image.path,
-                         path=image.path, error_kind='not_found')
-    size_gib = check_size_gib(p['size_gib'], p['max_size_gib'])
-    if size_gib * GIB > DEFAULT_LIMITS.max_member_size:
+    plan = image.plan_create(size_gib=p['size_gib'], machine=p['machine'], max_size_gib=p['max_size_gib'],
+                             archive=p['from_archive'], use_qemu_img=p['validate_with_qemu_img'])
+    if plan.disk_size is not None and plan.disk_size > DEFAULT_LIMITS.max_member_size:
         module.warn('a %d GiB disk is larger than the %d GiB vm_image_fetch accepts by default'
-                    % (size_gib, DEFAULT_LIMITS.max_member_size // GIB))
+                    % (plan.size_gib, DEFAULT_LIMITS.max_member_size // GIB))
     if module.check_mode:
-        return _image_facts(image, machine=blank_machine(p['machine']), disk_size=size_gib * GIB)
-    image = MutableImage.create_blank(image.path, size_gib, p['machine'], max_size_gib=p['max_size_gib'])
-    return _image_facts(image, image.inspect())
+        return plan, _image_facts(image, machine=plan.machine, disk_size=plan.disk_size)
+    image.create(plan)
+    return plan, _image_facts(image, image.inspect())
 
 
 def _pack_result(packed):
@@ -325,37 +315,40 @@ def _present(module, image, started):
     p = module.params
     before = {'path': image.path}
     after = {'path': image.path}
-    created = not image.exists()
-    if created:
-        facts = _create(module, image)
+    creation = None
+    if not image.exists():
+        creation, facts = _create(module, image)
         before['state'] = 'absent'
         after['state'] = 'present'
         after['disk_size'] = facts.get('disk_size')
         after['machine'] = facts.get('machine')
     else:
+        if not module.check_mode and p['dest'] is None:
+            # What killed tasks left beside the image goes, even when this
+            # run only looks at it (a pack collects on its own).
+            image.collect()
         source = image.inspect()
         facts = _image_facts(image, source)
         if p['size_gib'] is not None and p['machine'] is not None and blank_machine(p['machine']) != source.machine:
             module.warn('machine differs from %s; size_gib and machine only apply when path does not exist'
                         % image.machine_path)
+    created = creation is not None
     result = dict(changed=created, created=created)
     result.update(facts)
 
     if p['dest'] is not None:
         dest = os.path.abspath(p['dest'])
-        if created and module.check_mode:
-            result.update(dest=dest, packed=False, pack_reason='path would be created')
-            if 'disk_size' in facts:
-                result['virtual_size'] = facts['disk_size']
-            result['changed'] = True
+        if module.check_mode:
+            # The plan of the pack, made as the real run makes it (of the
+            # image the creation plan would make, if it is still missing).
+            packed = image.plan_package(dest, level=p['compression_level'], force=p['force'],
+                                        creation=creation).result()
         else:
-            packed = image.package(dest, level=p['compression_level'], threads=p['threads'], force=p['force'],
-                                   check_mode=module.check_mode)
-            result.update(_pack_result(packed))
-            result['changed'] = result['changed'] or packed.changed
-            before['dest_digest'] = packed.previous_digest or ('(absent)' if not os.path.exists(dest)
-                                                               else '(unknown)')
-            after['dest_digest'] = packed.digest or '(new archive)'
+            packed = image.package(dest, level=p['compression_level'], threads=p['threads'], force=p['force'])
+        result.update(_pack_result(packed))
+        result['changed'] = result['changed'] or packed.changed
+        before['dest_digest'] = packed.previous_digest or ('(absent)' if not os.path.exists(dest) else '(unknown)')
+        after['dest_digest'] = packed.digest or '(new archive)'
     if module._diff:
         result['diff'] = dict(before=before, after=after)
     result['elapsed'] = round(time.monotonic() - started, 3)

@@ -27,6 +27,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.image_locks imp
 from support.ansible_run import run_playbook
 from support.image_factory import data_extents_of, extract_with_gnu_tar, pattern, same_sparse_content
 from support.mounts import mounted_tmpfs
+from support.mutable_crash import kill_mid
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ('tar', 'zstd', 'qemu-img', 'qemu-io')),
@@ -252,3 +253,57 @@ def test_full_and_read_only_destinations_fail_clearly_and_leave_nothing(tmp_path
         assert run[1]['failed'] and 'read-only file system' in run[1]['msg'], run[1]['msg']
         assert os.listdir(full) == [] and os.listdir(ro) == []
     assert sorted(os.listdir(path)) == ['disk.img', 'machine.json']
+
+
+def test_sigkill_mid_pack_create_and_absent_then_the_next_run_cleans_up(tmp_path):
+    """A pack, a blank create, a create from an archive and a removal, each
+    killed with SIGKILL in the middle (by a library process, as the module
+    runs it), leave debris; check mode leaves it alone, and the next real
+    run of the module removes all of it and succeeds, leaving only the
+    user's files and the results."""
+    work = str(tmp_path / 'work')
+    os.mkdir(work)
+    spaces = {}
+    for name in ('pack', 'blank', 'restored', 'gone'):
+        spaces[name] = str(tmp_path / name)
+        os.mkdir(spaces[name])
+        with open(os.path.join(spaces[name], 'notes.txt'), 'w') as f:
+            f.write("the user's own file")
+    packed, out = os.path.join(spaces['pack'], 'img'), os.path.join(spaces['pack'], 'img.tar.zst')
+    blank, restored, gone = (os.path.join(spaces[n], 'img') for n in ('blank', 'restored', 'gone'))
+    base = str(tmp_path / 'base.tar.zst')
+    run_playbook([_package(path=packed, size_gib=1), _package(path=gone, size_gib=1)], tmp_path)
+    _write_disk(os.path.join(packed, 'disk.img'), writes=WRITES[:2])
+    run_playbook([_package(path=packed, dest=base)], tmp_path)
+    _write_disk(os.path.join(packed, 'disk.img'), writes=WRITES[2:])
+
+    kill_mid('pack', packed, out, work)
+    kill_mid('create', blank, None, work)
+    kill_mid('from_archive', restored, base, work)
+    kill_mid('dispose', gone, None, work)
+    assert not any(os.path.exists(p) for p in (out, blank, restored)), 'nothing half made is visible'
+    assert not os.path.exists(gone), 'the killed removal made the image vanish at once'
+    debris = dict((name, sorted(os.listdir(folder))) for name, folder in spaces.items())
+    for name, names in debris.items():
+        assert len(names) > (2 if name == 'pack' else 1), 'the killed %s left something to clean up' % name
+
+    tasks = [
+        _package(path=packed, dest=out),
+        _package(path=blank, size_gib=1),
+        _package(path=restored, from_archive=base),
+        _package(path=gone, state='absent'),
+    ]
+    check = run_playbook(tasks, tmp_path, check=True)
+    assert [r['changed'] for r in check] == [True, True, True, False]
+    assert dict((n, sorted(os.listdir(f))) for n, f in spaces.items()) == debris, 'check mode removes nothing'
+
+    run = run_playbook(tasks, tmp_path)
+    assert run[0]['changed'] is True and run[0]['packed'] is True and run[0]['digest'] == _sha256(out)
+    assert run[1]['created'] is True and run[2]['created'] is True
+    assert run[3]['changed'] is False and run[3]['removed'] is False
+    assert sorted(os.listdir(spaces['pack'])) == ['img', 'img.tar.zst', 'img.tar.zst.vmimage.json', 'notes.txt']
+    for name in ('blank', 'restored'):
+        assert sorted(os.listdir(spaces[name])) == ['img', 'notes.txt'], name
+    assert os.listdir(spaces['gone']) == ['notes.txt']
+    for path in (packed, blank, restored):
+        assert sorted(os.listdir(path)) == ['disk.img', 'machine.json'], path

@@ -35,6 +35,10 @@ LOCKS = 'locks'
 INSTANCES = 'instances'
 IMAGE_RECORD = 'image.json'
 INSTANCE_RECORD = 'instance.json'
+# WorkArea prefix in folders the collection shares with the user (a mutable
+# image's parent, a pack's destination folder): only names starting with it
+# are ever collected there.
+WORK_PREFIX = '.vmimage-work-'
 
 
 def key_name(text):

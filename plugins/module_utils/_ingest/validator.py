@@ -18,15 +18,15 @@ from __future__ import absolute_import, division, print_function
 __metaclass__ = type
 
 import os
-import shutil
-import tempfile
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.reader import (
     DISK, LAYER, MACHINE, extract_image_archive,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import LimitExceededError, UnsafeImageError
 from ansible_collections.vmimage.qemu.plugins.module_utils._formats.format_probe import check_raw_disk
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import WORK_PREFIX
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import DEFAULT_LIMITS
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.staging import WorkArea
 from ansible_collections.vmimage.qemu.plugins.module_utils._formats.machine import load_machine_json
 from ansible_collections.vmimage.qemu.plugins.module_utils._formats.qcow2 import check_layer_file
 from ansible_collections.vmimage.qemu.plugins.module_utils._qemu.qemu_img import validate_with_qemu_img
@@ -75,17 +75,23 @@ def validate_image_folder(folder, limits=DEFAULT_LIMITS, use_qemu_img=True):
     return ImageInfo(machine, disk_size, header.size, header.file_size, allocated)
 
 
-def load_image_archive(src, parent, limits=DEFAULT_LIMITS, use_qemu_img=True, fsync=False):
-    """Extract ``src`` into a fresh private folder under ``parent`` and validate it.
+def load_image_archive(src, area, limits=DEFAULT_LIMITS, use_qemu_img=True, fsync=False):
+    """Extract ``src`` into a new WorkFolder of ``area`` and validate it.
 
-    Returns (folder, ImageInfo, ExtractResult).  On any failure the folder is
-    removed before the error propagates, so nothing of a bad image remains.
+    ``area`` is a WorkArea, or a folder, which then gets one with the prefix
+    WORK_PREFIX (the folder is usually the user's, beside the result).
+    Returns (WorkFolder, ImageInfo, ExtractResult); the caller commits or
+    discards the WorkFolder.  On any failure it is discarded before the error
+    propagates, so nothing of a bad image remains; a killed extraction leaves
+    a folder whose lock died with it, which the area's next collect() removes.
     """
-    folder = tempfile.mkdtemp(prefix='.image-', dir=parent)
+    if not isinstance(area, WorkArea):
+        area = WorkArea(area, WORK_PREFIX)
+    work = area.new('image')
     try:
-        result = extract_image_archive(src, folder, limits=limits, fsync=fsync)
-        info = validate_image_folder(folder, limits=limits, use_qemu_img=use_qemu_img)
-        return folder, info, result
+        result = extract_image_archive(src, work.path, limits=limits, fsync=fsync)
+        info = validate_image_folder(work.path, limits=limits, use_qemu_img=use_qemu_img)
+        return work, info, result
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        work.discard()
         raise

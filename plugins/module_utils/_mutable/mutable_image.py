@@ -17,9 +17,17 @@ What the original MutableImage got wrong and this does not:
 * in use is not a flag in one process's memory: a QEMU that has the disk open
   holds its image lock, which every process can see (qemu_locks), so packing
   or disposing under a running VM is refused whoever started it;
-* the archive is written to a temporary name beside the destination, flushed,
-  fsynced and renamed only when complete; any failure removes the temporary
-  file, so there is never a partial archive or leftover intermediate;
+* every write goes through the collection's one crash-safety protocol
+  (staging.WorkArea, prefix WORK_PREFIX): a new image is built in a work folder
+  beside ``path`` and appears by one rename, the archive is written in a work
+  folder beside the destination and renamed onto it only when complete, and a
+  removed image is renamed into the work area before it is deleted.  Any
+  failure discards the work folder; a killed task leaves only work folders
+  whose lock died with it, which the next run beside them collects, so there
+  is never a partial archive, a half image or leftover debris;
+* each operation decides once: plan_create, plan_package and plan_dispose say
+  what would happen and why; check mode returns the plan and a real run
+  applies exactly the plan it made under the folder lock;
 * packing is deterministic (fixed tar metadata, canonical layer, zstd in
   multi-threaded mode), so packing the same folder twice gives the same bytes.
 
@@ -38,22 +46,25 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import os
-import shutil
+import re
 import stat
-import tempfile
 import time
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.fs import fsync_dir, write_json_atomic
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import WORK_PREFIX
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.locks import FileLock
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.staging import WorkArea, remove_tree
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import (
     DISK, LAYER, MACHINE, write_image_archive,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
-    ImageInUseError, InvalidOptionError, LimitExceededError, NotFoundError, VmImageError, os_error,
+    InvalidOptionError, LimitExceededError, LockTimeoutError, NotFoundError, VmImageError, os_error,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import DEFAULT_LIMITS, GIB
 from ansible_collections.vmimage.qemu.plugins.module_utils._formats.machine import (
@@ -78,10 +89,22 @@ PACK_FORMAT = 1
 LAYER_OPTIONS = {'lazy_refcounts': 'on'}
 SECTOR = 512
 MAX_SIDECAR = 64 * 1024
-# A stale temporary archive is one nobody holds a lock on and that has not
-# been written for this long (the lock alone decides; the age only closes the
-# window between creating a temporary file and locking it).
+# Names inside a pack's work folder: the archive and its sidecar are written
+# there and renamed onto dest and <dest>.vmimage.json.
+WORK_ARCHIVE = 'archive'
+WORK_SIDECAR = 'sidecar.json'
+# Earlier versions wrote <dest>.tmp-* beside dest, flock-ed while written: one
+# nobody holds a lock on and that has not been written for this long is dead
+# (the lock decides; the age only closes the window between creating the file
+# and locking it).
 STALE_TMP_AGE = 60
+# Earlier versions also left folders without any lock (mkdtemp staging of a
+# new image, a .removing-* rename of a disposed one): nothing tells a live
+# one from a dead one but time, so only those untouched for this long, named
+# exactly as those versions named them, are removed.
+LEGACY_GRACE = 3600
+_MKTEMP_SUFFIX = re.compile(r'[a-z0-9_]{8}\Z')   # tempfile's random part
+_REMOVING_SUFFIX = re.compile(r'[0-9a-f]{12}\Z')
 # Timestamps of Linux file systems are at most a tick (<= 10 ms) coarse;
 # whole-second timestamps (ext3 small inodes, some network file systems)
 # are treated as 2 s coarse, like FAT.
@@ -177,50 +200,6 @@ def sidecar_path(dest):
     return dest + SIDECAR_SUFFIX
 
 
-# ---------------------------------------------------------------- locking
-
-class _FolderLock(object):
-    """flock on the mutable image folder itself: one pack, create or dispose
-    at a time per folder, no lock file inside it, gone when the holder dies."""
-
-    def __init__(self, path, timeout=3600, poll=0.1):
-        self.path = path
-        self.timeout = timeout
-        self.poll = poll
-        self.fd = None
-
-    def __enter__(self):
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFoundError('mutable image %s does not exist' % self.path)
-        except NotADirectoryError:
-            raise VmImageError('%s is not a folder, so not a mutable image' % self.path)
-        deadline = time.monotonic() + self.timeout
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                if time.monotonic() >= deadline:
-                    raise ImageInUseError('timed out after %.0f s waiting for another task working on %s'
-                                          % (self.timeout, self.path))
-                time.sleep(self.poll)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.fd = fd
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 # ---------------------------------------------------------------- results
 
 class SourceState(object):
@@ -241,6 +220,90 @@ class SourceState(object):
         st = self.disk_stat
         return {'dev': st.st_dev, 'ino': st.st_ino, 'size': st.st_size,
                 'mtime_ns': st.st_mtime_ns, 'ctime_ns': st.st_ctime_ns}
+
+
+class CreatePlan(object):
+    """What creating a missing mutable image will do, decided once: check
+    mode reports it, MutableImage.create() applies it.
+
+    source:  'blank' or 'archive'
+    machine: the validated machine of a blank image (None from an archive:
+             only extracting it tells, and check mode does not)
+    """
+
+    __slots__ = ('path', 'source', 'size_gib', 'machine', 'machine_bytes', 'archive', 'use_qemu_img')
+
+    def __init__(self, path, source, size_gib=None, machine=None, machine_bytes=None, archive=None,
+                 use_qemu_img=True):
+        self.path = path
+        self.source = source
+        self.size_gib = size_gib
+        self.machine = machine
+        self.machine_bytes = machine_bytes
+        self.archive = archive
+        self.use_qemu_img = use_qemu_img
+
+    @property
+    def disk_size(self):
+        return self.size_gib * GIB if self.size_gib is not None else None
+
+
+class PackPlan(object):
+    """What packing to ``dest`` will do, decided once from the folder, the
+    sidecar and dest (under the folder lock in a real run).
+
+    action: 'keep'   the sidecar vouches for dest: nothing to compress;
+            'verify' the fingerprint matches, but is not trusted (force, or a
+                     racy disk): pack and compare, most likely no change;
+            'pack'   dest is missing, not ours, or out of date.
+    reason: why 'verify' or 'pack' (None for 'keep').
+    """
+
+    __slots__ = ('dest', 'level', 'force', 'action', 'reason', 'source', 'fingerprint', 'sidecar',
+                 'snapshot_ns', 'virtual_size')
+
+    def __init__(self, dest, level, force, action, reason=None, source=None, fingerprint=None, sidecar=None,
+                 snapshot_ns=None, virtual_size=None):
+        self.dest = dest
+        self.level = level
+        self.force = force
+        self.action = action
+        self.reason = reason
+        self.source = source
+        self.fingerprint = fingerprint
+        # Only a sidecar that describes the file now at dest, else None.
+        self.sidecar = sidecar
+        self.snapshot_ns = snapshot_ns
+        self.virtual_size = virtual_size
+
+    @property
+    def previous_digest(self):
+        return self.sidecar['archive'].get('digest') if self.sidecar else None
+
+    def result(self):
+        """The PackageResult the plan predicts (what check mode returns)."""
+        if self.action == 'pack':
+            return PackageResult(True, False, self.dest, virtual_size=self.virtual_size,
+                                 previous_digest=self.previous_digest, reason=self.reason)
+        # A matching fingerprint means a pack gives the same bytes, even when
+        # forced; if it is racy that is only very likely, but only a real pack
+        # can tell, and a prediction does not pack.
+        archive = self.sidecar['archive']
+        return PackageResult(False, False, self.dest, digest=archive.get('digest'),
+                             archive_size=archive.get('identity', {}).get('size'),
+                             virtual_size=self.virtual_size, data_bytes=self.sidecar.get('data_bytes'),
+                             previous_digest=archive.get('digest'))
+
+
+class DisposePlan(object):
+    """What removing the mutable image will do: ``remove`` is False when
+    there is nothing at ``path``; every refusal is raised while planning."""
+
+    __slots__ = ('path', 'remove')
+
+    def __init__(self, path, remove):
+        self.path = path
+        self.remove = remove
 
 
 class PackageResult(object):
@@ -363,20 +426,22 @@ def _dest_matches(sidecar, dest):
     return sidecar['archive'].get('identity') == _file_identity(st)
 
 
-def _cleanup_stale_tmp(dest):
-    """Remove temporary archives of packs that died (kill -9, power loss):
-    their flock went with them."""
+def _collect_stale_tmp(dest):
+    """Remove the <dest>.tmp-* archives earlier versions left when a pack
+    died (kill -9, power loss): their flock went with them.  Returns the
+    names removed."""
     folder, base = os.path.split(dest)
     prefix = base + '.tmp-'
+    removed = []
     try:
-        names = [n for n in os.listdir(folder) if n.startswith(prefix)]
+        names = sorted(n for n in os.listdir(folder) if n.startswith(prefix))
     except OSError:
-        return
+        return removed
     now = time.time()
     for name in names:
         path = os.path.join(folder, name)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError:
             continue
         try:
@@ -386,10 +451,61 @@ def _cleanup_stale_tmp(dest):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                continue  # a live pack is writing it
+                continue  # a live pack of an earlier version is writing it
             _remove_quietly(path)
+            removed.append(name)
         finally:
             os.close(fd)
+    return removed
+
+
+def _idle_since(path):
+    """The newest mtime of ``path`` and its entries: a writer adds entries
+    to its folder and writes the files in it."""
+    newest = os.lstat(path).st_mtime
+    for name in os.listdir(path):
+        try:
+            newest = max(newest, os.lstat(os.path.join(path, name)).st_mtime)
+        except OSError:
+            pass
+    return newest
+
+
+def _collect_legacy_folders(image_path):
+    """Remove the lockless folders earlier versions left beside the mutable
+    image ``image_path`` when killed, when clearly theirs and dead: named as
+    they named them (``.<name>.tmp-XXXXXXXX`` staging, ``.image-XXXXXXXX``
+    extraction, ``.<name>.removing-<12 hex>`` disposal), holding only image
+    files (staging, extraction), and untouched for LEGACY_GRACE seconds.
+    Returns the names removed."""
+    parent, base = os.path.split(image_path)
+    staging, removing = '.%s.tmp-' % base, '.%s.removing-' % base
+    removed = []
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return removed
+    limit = time.time() - LEGACY_GRACE
+    for name in names:
+        if name.startswith(staging) and _MKTEMP_SUFFIX.match(name[len(staging):]):
+            allowed = (DISK, MACHINE)
+        elif name.startswith('.image-') and _MKTEMP_SUFFIX.match(name[len('.image-'):]):
+            allowed = (DISK, LAYER, MACHINE)
+        elif name.startswith(removing) and _REMOVING_SUFFIX.match(name[len(removing):]):
+            allowed = None  # the image itself, half deleted: whatever it held was to go
+        else:
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode) or _idle_since(path) > limit:
+                continue
+            if allowed is not None and not set(os.listdir(path)) <= set(allowed):
+                continue  # not what those versions put there: not ours to delete
+        except OSError:
+            continue
+        remove_tree(path)
+        removed.append(name)
+    return removed
 
 
 # ---------------------------------------------------------------- the image
@@ -419,68 +535,163 @@ class MutableImage(object):
     def exists(self):
         return os.path.lexists(self.path)
 
-    def _lock(self):
-        return _FolderLock(self.path, timeout=self.lock_timeout)
+    @contextlib.contextmanager
+    def _locked(self, missing_ok=False):
+        """Hold the flock on the mutable image folder itself: one pack, create
+        or dispose at a time per folder, no lock file inside it, gone when the
+        holder dies.  With ``missing_ok`` a ``path`` that is not a folder is
+        not locked (there is nothing to serialise; the plan then finds nothing
+        or refuses)."""
+        if missing_ok:
+            try:
+                folder = stat.S_ISDIR(os.lstat(self.path).st_mode)
+            except FileNotFoundError:
+                folder = False
+            if not folder:
+                yield
+                return
+        lock = FileLock(self.path, timeout=self.lock_timeout, poll=0.1, folder=True,
+                        what='the lock of mutable image %s' % self.path)
+        try:
+            lock.acquire()
+        except LockTimeoutError:
+            raise
+        except NotFoundError:
+            if not missing_ok:
+                raise NotFoundError('mutable image %s does not exist' % self.path)
+            lock = None  # removed meanwhile: the plan sees it gone
+        except VmImageError:
+            raise VmImageError('%s is not a folder, so not a mutable image' % self.path)
+        try:
+            yield
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _work_area(self):
+        """Where this image is built and trashed: its parent folder, shared
+        with the user, so only WORK_PREFIX names are ours."""
+        return WorkArea(os.path.dirname(self.path), WORK_PREFIX)
+
+    def collect(self, dest=None):
+        """Remove what killed tasks left beside the image (and beside
+        ``dest``): work folders whose lock died, trash, and the debris of
+        earlier versions that is clearly dead (_collect_legacy_folders,
+        _collect_stale_tmp).  Every real run of create, package and dispose
+        calls it first.  Returns the names removed."""
+        removed = []
+        # Collecting never makes the task fail: what cannot be removed now
+        # (an unreadable folder, a read-only file system) is tried again by
+        # the next run, and the task itself reports its own errors.
+        areas = [self._work_area()]
+        if dest is not None:
+            areas.append(WorkArea(os.path.dirname(dest), WORK_PREFIX))
+        for area in areas:
+            try:
+                removed.extend(area.collect())
+            except OSError:
+                pass
+        removed.extend(_collect_legacy_folders(self.path))
+        if dest is not None:
+            removed.extend(_collect_stale_tmp(dest))
+        return removed
 
     # ------------------------------------------------------------ creation
+
+    def plan_create(self, size_gib=None, machine=None, max_size_gib=DEFAULT_MAX_SIZE_GIB, archive=None,
+                    use_qemu_img=True):
+        """Decide how the missing ``path`` is created: blank (``size_gib``,
+        ``machine``) or from ``archive``.  Every refusal is raised here, in
+        check mode too; returns a CreatePlan for create()."""
+        if archive is None:
+            if size_gib is None:
+                raise NotFoundError('%s does not exist; give size_gib (and machine) to create a blank image, or '
+                                    'from_archive to create it from an archive' % self.path)
+            size_gib = check_size_gib(size_gib, max_size_gib)
+            machine = blank_machine(machine)
+            machine_bytes = dump_machine_json(machine)
+            self._check_new_path()
+            return CreatePlan(self.path, 'blank', size_gib=size_gib, machine=machine, machine_bytes=machine_bytes)
+        self._check_new_path()
+        os.close(self._open_archive(archive))
+        return CreatePlan(self.path, 'archive', archive=archive, use_qemu_img=use_qemu_img)
+
+    def create(self, plan):
+        """Apply a CreatePlan: build the image in a work folder beside
+        ``path`` and rename it into place, so the folder appears complete or
+        not at all; a killed create leaves a work folder the next run
+        collects."""
+        self.collect()
+        if plan.source == 'blank':
+            area = self._work_area()
+            try:
+                work = area.new('create')
+            except OSError as exc:
+                raise _error('create a folder in', area.path, exc)
+            with work:
+                self._write_new_file(work.path, DISK, size=plan.size_gib * GIB)
+                self._write_new_file(work.path, MACHINE, data=plan.machine_bytes)
+                self._commit(work)
+        else:
+            self._extract(plan)
+        return self
+
+    def _extract(self, plan):
+        # Imported here: the reader and validator are only needed for this,
+        # and every other run of the module should not pay for loading them.
+        from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.validator import load_image_archive
+
+        area = self._work_area()
+        with os.fdopen(self._open_archive(plan.archive), 'rb') as src:
+            try:
+                work, _info, _result = load_image_archive(src, area, limits=self.limits,
+                                                          use_qemu_img=plan.use_qemu_img, fsync=True)
+            except OSError as exc:
+                raise _error('extract archive %s into' % plan.archive, area.path, exc)
+        with work:
+            try:
+                os.unlink(os.path.join(work.path, LAYER))
+                for name in (DISK, MACHINE):
+                    os.chmod(os.path.join(work.path, name), _file_mode())
+            except OSError as exc:
+                raise _error('create', self.path, exc)
+            self._commit(work)
+
+    @staticmethod
+    def _open_archive(archive):
+        """An fd of ``archive``, a regular file on this host."""
+        try:
+            # O_NONBLOCK: a FIFO given by mistake must fail, not hang.
+            fd = os.open(archive, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            # A missing archive is not_found, as check mode always said.
+            raise os_error(exc, 'read archive', archive,
+                           NotFoundError if exc.errno == errno.ENOENT else VmImageError)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise VmImageError('archive %s is not a regular file' % archive)
+        return fd
 
     @classmethod
     def create_blank(cls, path, size_gib, machine=None, max_size_gib=DEFAULT_MAX_SIZE_GIB,
                      limits=DEFAULT_LIMITS):
         """Create ``path`` with a sparse ``size_gib`` GiB disk.img and the
         validated ``machine``.  The folder appears complete or not at all."""
-        size_gib = check_size_gib(size_gib, max_size_gib)
-        machine_bytes = dump_machine_json(blank_machine(machine))
         image = cls(path, limits=limits)
-        staging = image._staging_folder()
-        try:
-            image._write_new_file(staging, DISK, size=size_gib * GIB)
-            image._write_new_file(staging, MACHINE, data=machine_bytes)
-            image._commit_staging(staging)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return image
+        return image.create(image.plan_create(size_gib=size_gib, machine=machine, max_size_gib=max_size_gib))
 
     @classmethod
     def create_from_archive(cls, path, archive, limits=DEFAULT_LIMITS, use_qemu_img=True):
         """Create ``path`` from an image archive on this host.
 
         The archive is extracted and validated by the reader as untrusted
-        input (into a private folder beside ``path``, removed on failure);
+        input (into a work folder beside ``path``, removed on failure);
         layer.qcow2 is dropped, because the builder writes the raw disk and
         packing writes a fresh layer.  machine.json is kept byte for byte, so
         repacking an unmodified image gives the original archive back.
         """
-        # Imported here: the reader and validator are only needed for this,
-        # and every other run of the module should not pay for loading them.
-        from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.validator import load_image_archive
-
         image = cls(path, limits=limits)
-        parent = image._check_new_path()
-        try:
-            # O_NONBLOCK: a FIFO given by mistake must fail, not hang.
-            fd = os.open(archive, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            raise _error('read archive', archive, exc)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise VmImageError('archive %s is not a regular file' % archive)
-        with os.fdopen(fd, 'rb') as src:
-            try:
-                folder, _info, _result = load_image_archive(src, parent, limits=limits,
-                                                            use_qemu_img=use_qemu_img, fsync=True)
-            except OSError as exc:
-                raise _error('extract archive %s into' % archive, parent, exc)
-        try:
-            os.unlink(os.path.join(folder, LAYER))
-            for name in (DISK, MACHINE):
-                os.chmod(os.path.join(folder, name), _file_mode())
-            image._commit_staging(folder)
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return image
+        return image.create(image.plan_create(archive=archive, use_qemu_img=use_qemu_img))
 
     def _check_new_path(self):
         if os.path.lexists(self.path):
@@ -489,13 +700,6 @@ class MutableImage(object):
         if not os.path.isdir(parent):
             raise NotFoundError('parent folder %s of %s does not exist' % (parent, self.path))
         return parent
-
-    def _staging_folder(self):
-        parent = self._check_new_path()
-        try:
-            return tempfile.mkdtemp(prefix='.%s.tmp-' % os.path.basename(self.path), dir=parent)
-        except OSError as exc:
-            raise _error('create a folder in', parent, exc)
 
     @staticmethod
     def _write_new_file(folder, name, data=b'', size=None):
@@ -515,17 +719,16 @@ class MutableImage(object):
         except OSError as exc:
             raise _error('write', path, exc)
 
-    def _commit_staging(self, folder):
-        """Rename a complete staging folder to ``path``."""
+    def _commit(self, work):
+        """Rename a complete work folder to ``path``, durably."""
         try:
-            os.chmod(folder, _dir_mode())
-            fsync_dir(folder)
-            # rename() would replace an empty directory; refuse instead.
+            # Work folders are private (0700) while they are built.
+            os.chmod(work.path, _dir_mode())
+            # rename() would replace an empty directory; commit refuses instead.
+            work.commit(self.path)
+        except OSError as exc:
             if os.path.lexists(self.path):
                 raise VmImageError('%s already exists' % self.path)
-            os.rename(folder, self.path)
-            fsync_dir(os.path.dirname(self.path))
-        except OSError as exc:
             raise _error('create', self.path, exc)
 
     # ------------------------------------------------------------ inspection
@@ -594,16 +797,7 @@ class MutableImage(object):
             'zstd': [getattr(zstd, '__version__', '?'), list(getattr(zstd, 'ZSTD_VERSION', ()))],
         }
 
-    def package(self, dest, level=DEFAULT_LEVEL, threads=0, force=False, check_mode=False):
-        """Write the image archive of this folder to ``dest``.
-
-        Returns a PackageResult.  Nothing is compressed when the sidecar shows
-        ``dest`` already holds what packing would produce (unless ``force``).
-        Refused (ImageInUseError) while a process uses the disk.  On failure
-        neither a temporary nor a partial archive is left, and ``dest`` and
-        its sidecar are as before.
-        """
-        level = check_level(level)
+    def _check_dest(self, dest):
         dest = os.path.abspath(os.fspath(dest))
         dest_dir = os.path.dirname(dest)
         if dest == self.path or dest.startswith(self.path + os.sep):
@@ -612,36 +806,56 @@ class MutableImage(object):
             raise NotFoundError('destination folder %s does not exist' % dest_dir)
         if os.path.isdir(dest):
             raise VmImageError('dest %s is a folder; give the archive file name' % dest)
-        if check_mode:
-            return self._plan(dest, level, force)
-        with self._lock():
-            snapshot_ns = time.time_ns()
-            source = self.inspect()
-            self.ensure_not_in_use('pack')
-            fingerprint = self.fingerprint(source, level)
-            sidecar = _read_sidecar(dest)
-            dest_known = _dest_matches(sidecar, dest)
-            if dest_known and not force and not sidecar.get('racy') and sidecar.get('source') == fingerprint:
-                return self._result_from_sidecar(dest, sidecar, source)
-            return self._pack(dest, source, fingerprint, level, threads, force, snapshot_ns,
-                              sidecar if dest_known else None)
+        return dest
 
-    def _plan(self, dest, level, force):
-        """Check mode: what package() would do, without writing or locking."""
+    def plan_package(self, dest, level=DEFAULT_LEVEL, force=False, creation=None):
+        """Decide what package() would do, without writing or locking;
+        returns a PackPlan (``.result()`` is the predicted PackageResult).
+        ``creation``: the CreatePlan of this (still missing) image, whose pack
+        is then pending because the image would be created."""
+        level = check_level(level)
+        dest = self._check_dest(dest)
+        if creation is not None:
+            return PackPlan(dest, level, force, 'pack', reason='path would be created',
+                            virtual_size=creation.disk_size)
+        return self._decide_pack(dest, level, force)
+
+    def _decide_pack(self, dest, level, force):
+        snapshot_ns = time.time_ns()
         source = self.inspect()
         self.ensure_not_in_use('pack')
         fingerprint = self.fingerprint(source, level)
         sidecar = _read_sidecar(dest)
         dest_known = _dest_matches(sidecar, dest)
-        # A matching fingerprint means a pack would give the same bytes, even
-        # when forced; if it is racy that is only very likely, but only a real
-        # pack can tell, and check mode does not pack.
         if dest_known and sidecar.get('source') == fingerprint:
-            return self._result_from_sidecar(dest, sidecar, source)
-        reason = self._reason(dest, sidecar, dest_known, fingerprint, force)
-        previous = sidecar['archive']['digest'] if dest_known else None
-        return PackageResult(True, False, dest, virtual_size=source.disk_size, previous_digest=previous,
-                             reason=reason)
+            action = 'verify' if force or sidecar.get('racy') else 'keep'
+        else:
+            action = 'pack'
+        reason = None if action == 'keep' else self._reason(dest, sidecar, dest_known, fingerprint, force)
+        return PackPlan(dest, level, force, action, reason=reason, source=source, fingerprint=fingerprint,
+                        sidecar=sidecar if dest_known else None, snapshot_ns=snapshot_ns,
+                        virtual_size=source.disk_size)
+
+    def package(self, dest, level=DEFAULT_LEVEL, threads=0, force=False, check_mode=False):
+        """Write the image archive of this folder to ``dest``.
+
+        Returns a PackageResult.  Nothing is compressed when the sidecar shows
+        ``dest`` already holds what packing would produce (unless ``force``).
+        Refused (ImageInUseError) while a process uses the disk.  On failure
+        neither a temporary nor a partial archive is left, and ``dest`` and
+        its sidecar are as before.  Check mode returns the plan's prediction;
+        a real run makes the plan under the folder lock and applies it.
+        """
+        level = check_level(level)
+        dest = self._check_dest(dest)
+        if check_mode:
+            return self._decide_pack(dest, level, force).result()
+        self.collect(dest)
+        with self._locked():
+            plan = self._decide_pack(dest, level, force)
+            if plan.action == 'keep':
+                return plan.result()
+            return self._pack(plan, threads)
 
     @staticmethod
     def _reason(dest, sidecar, dest_known, fingerprint, force):
@@ -656,14 +870,6 @@ class MutableImage(object):
         old = sidecar.get('source') or {}
         changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
         return 'changed since the last pack: %s' % ', '.join(changed)
-
-    @staticmethod
-    def _result_from_sidecar(dest, sidecar, source):
-        archive = sidecar['archive']
-        return PackageResult(False, False, dest, digest=archive.get('digest'),
-                             archive_size=archive.get('identity', {}).get('size'),
-                             virtual_size=source.disk_size, data_bytes=sidecar.get('data_bytes'),
-                             previous_digest=archive.get('digest'))
 
     def _prepare_layer(self, disk_size, force):
         """Put the canonical empty overlay at layer.qcow2.
@@ -696,79 +902,88 @@ class MutableImage(object):
             if name.startswith(_OWN_TEMP_PREFIXES):
                 _remove_quietly(os.path.join(self.path, name))
 
-    def _pack(self, dest, source, fingerprint, level, threads, force, snapshot_ns, known_sidecar):
-        dest_dir, base = os.path.split(dest)
-        _cleanup_stale_tmp(dest)
+    def _pack(self, plan, threads):
+        """Apply a 'pack' or 'verify' PackPlan: write the archive in a work
+        folder beside dest, then the sidecar, then rename the archive onto
+        dest (unless it has dest's bytes already)."""
+        dest, source = plan.dest, plan.source
+        dest_dir = os.path.dirname(dest)
         self._clean_own_temporaries()
         try:
-            fd, tmp = tempfile.mkstemp(prefix=base + '.tmp-', dir=dest_dir)
+            work = WorkArea(dest_dir, WORK_PREFIX).new('pack')
         except OSError as exc:
             raise _error('write an archive in', dest_dir, exc)
-        try:
-            # Held until the end: the stale-file cleanup of a concurrent pack
-            # to the same dest leaves a locked temporary alone.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._prepare_layer(source.disk_size, force)
+        with work:
             try:
-                out = os.fdopen(fd, 'wb', buffering=_READ_CHUNK, closefd=False)
-                with out:
-                    packed = write_image_archive(self.path, out, level=level, threads=threads, mtime=0)
-                    out.flush()
-                os.fsync(fd)
+                fd = os.open(os.path.join(work.path, WORK_ARCHIVE),
+                             os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             except OSError as exc:
-                raise _error('write archive', dest, exc)
+                raise _error('write an archive in', dest_dir, exc)
+            try:
+                self._prepare_layer(source.disk_size, plan.force)
+                try:
+                    out = os.fdopen(fd, 'wb', buffering=_READ_CHUNK, closefd=False)
+                    with out:
+                        packed = write_image_archive(self.path, out, level=plan.level, threads=threads, mtime=0)
+                        out.flush()
+                    os.fsync(fd)
+                except OSError as exc:
+                    raise _error('write archive', dest, exc)
+                finally:
+                    # Derived and canonical: the folder is left as it was found.
+                    _remove_quietly(self.layer)
+                self._check_unchanged(source)
+                os.fchmod(fd, _file_mode())
+                tmp_stat = os.fstat(fd)
             finally:
-                # Derived and canonical: the folder is left as it was found.
-                _remove_quietly(self.layer)
-            self._check_unchanged(source)
-            os.fchmod(fd, _file_mode())
-            tmp_stat = os.fstat(fd)
-            previous = None
-            if known_sidecar is not None:
-                previous = known_sidecar['archive'].get('digest')
-            elif os.path.isfile(dest) and os.path.getsize(dest) == tmp_stat.st_size:
+                os.close(fd)
+            previous = plan.previous_digest
+            if previous is None and os.path.isfile(dest) and os.path.getsize(dest) == tmp_stat.st_size:
                 previous = _sha256_file(dest)
             sidecar = {
                 'format': SIDECAR_FORMAT,
-                'source': fingerprint,
-                'racy': _is_racy(source.disk_stat, snapshot_ns),
+                'source': plan.fingerprint,
+                'racy': _is_racy(source.disk_stat, plan.snapshot_ns),
                 'data_bytes': packed.data_bytes,
                 'disk_size': packed.disk_size,
-                'level': level,
+                'level': plan.level,
                 'packed_at': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
             }
             if previous == packed.digest:
                 # Same bytes: keep dest as it is (its mtime too), only record
                 # what it was made from.
                 sidecar['archive'] = {'digest': packed.digest, 'identity': _file_identity(os.stat(dest))}
-                self._write_sidecar(dest, sidecar)
+                self._write_sidecar(work, dest, sidecar)
                 changed = False
             else:
-                # The sidecar describes the temporary file, which becomes dest
-                # by rename (same inode and mtime).  Written first, a crash
+                # The sidecar describes the work file, which becomes dest by
+                # rename (same inode and mtime).  Written first, a crash
                 # before the rename leaves a sidecar matching nothing, never
                 # one vouching for the old archive.
                 sidecar['archive'] = {'digest': packed.digest, 'identity': _file_identity(tmp_stat)}
-                self._write_sidecar(dest, sidecar)
+                self._write_sidecar(work, dest, sidecar)
                 try:
-                    os.rename(tmp, dest)
-                    fsync_dir(dest_dir)
+                    work.commit_file(WORK_ARCHIVE, dest)
                 except OSError as exc:
                     raise _error('rename the archive to', dest, exc)
                 changed = True
-            return PackageResult(changed, True, dest, digest=packed.digest, archive_size=packed.archive_size,
-                                 virtual_size=packed.disk_size, data_bytes=packed.data_bytes,
-                                 previous_digest=previous)
-        finally:
-            os.close(fd)
-            _remove_quietly(tmp)
+        return PackageResult(changed, True, dest, digest=packed.digest, archive_size=packed.archive_size,
+                             virtual_size=packed.disk_size, data_bytes=packed.data_bytes,
+                             previous_digest=previous, reason=plan.reason)
 
     @staticmethod
-    def _write_sidecar(dest, sidecar):
+    def _write_sidecar(work, dest, sidecar):
+        """write_json_atomic in the work folder (so its temporary is the work
+        folder's too, never a stray file in the user's folder), then one
+        rename onto <dest>.vmimage.json."""
+        target = sidecar_path(dest)
+        staged = os.path.join(work.path, WORK_SIDECAR)
         try:
-            write_json_atomic(sidecar_path(dest), sidecar, _file_mode())
+            write_json_atomic(staged, sidecar, _file_mode())
+            os.rename(staged, target)
+            fsync_dir(os.path.dirname(target))
         except OSError as exc:
-            raise _error('write', sidecar_path(dest), exc)
+            raise _error('write', target, exc)
 
     def _check_unchanged(self, before):
         """The disk or machine.json changed while packing: the archive may mix
@@ -788,17 +1003,15 @@ class MutableImage(object):
         return sorted(n for n in os.listdir(self.path)
                       if n not in (DISK, MACHINE, LAYER) and not n.startswith(_OWN_TEMP_PREFIXES))
 
-    def dispose(self, force=False, check_mode=False):
-        """Remove the folder; return True if it existed.
-
-        Refused while the disk is in use, and for a folder that does not look
-        like a mutable image (no disk.img), or holds other files unless
-        ``force``: a wrong ``path`` must not delete someone's data.
-        """
+    def plan_dispose(self, force=False):
+        """Decide whether dispose() removes the folder; every refusal is
+        raised here: while the disk is in use, for a folder that does not
+        look like a mutable image (no disk.img), or holds other files unless
+        ``force`` (a wrong ``path`` must not delete someone's data)."""
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
-            return False
+            return DisposePlan(self.path, False)
         if not stat.S_ISDIR(st.st_mode):
             raise VmImageError('%s is not a folder, so not a mutable image; not removing it' % self.path)
         if not os.path.isfile(self.disk) or os.path.islink(self.disk):
@@ -808,22 +1021,27 @@ class MutableImage(object):
         if unknown and not force:
             raise VmImageError('%s holds files that are not part of a mutable image (%s); not removing it '
                                'without force' % (self.path, ', '.join(unknown[:10])))
+        self.ensure_not_in_use('remove')
+        return DisposePlan(self.path, True)
+
+    def remove(self, force=False, check_mode=False):
+        """Remove the folder; return the DisposePlan it applied (check mode:
+        the plan).  The folder is renamed into the work area first, so it
+        vanishes at once even if deleting a large sparse disk takes a while
+        or is interrupted; a killed removal leaves trash the next run
+        collects."""
         if check_mode:
-            self.ensure_not_in_use('remove')
-            return True
-        with self._lock():
-            self.ensure_not_in_use('remove')
-            parent = os.path.dirname(self.path)
-            trash = os.path.join(parent, '.%s.removing-%s' % (os.path.basename(self.path), os.urandom(6).hex()))
-            try:
-                # Renamed first, so the image vanishes at once even if the
-                # removal of a large sparse disk takes a while or is interrupted.
-                os.rename(self.path, trash)
-                fsync_dir(parent)
-            except OSError as exc:
-                raise _error('remove', self.path, exc)
-        shutil.rmtree(trash, ignore_errors=True)
-        if os.path.lexists(trash):
-            raise VmImageError('%s was removed from view, but %s could not be deleted completely'
-                               % (self.path, trash))
-        return True
+            return self.plan_dispose(force)
+        self.collect()
+        with self._locked(missing_ok=True):
+            plan = self.plan_dispose(force)
+            if plan.remove:
+                try:
+                    self._work_area().trash(self.path)
+                except OSError as exc:
+                    raise _error('remove', self.path, exc)
+        return plan
+
+    def dispose(self, force=False, check_mode=False):
+        """Remove the folder; return True if it existed (see remove())."""
+        return self.remove(force=force, check_mode=check_mode).remove

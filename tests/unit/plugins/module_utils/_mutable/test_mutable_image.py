@@ -465,7 +465,7 @@ def test_failure_while_writing_leaves_nothing(image, out, monkeypatch):
     def half_then_fail(folder, fileobj, **kwargs):
         fileobj.write(b'partial archive bytes' * 1000)
         fileobj.flush()
-        assert any('.tmp-' in n for n in os.listdir(out)), 'writes go to a temporary name'
+        assert any(n.startswith('.vmimage-work-pack-') for n in os.listdir(out)), 'writes go to a work folder'
         assert os.path.exists(os.path.join(folder, 'layer.qcow2'))
         raise OSError(28, 'No space left on device')
 
@@ -559,9 +559,9 @@ def test_waiting_for_another_task_times_out_clearly(image, out):
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         busy = MutableImage(image.path, lock_timeout=0.2)
-        with pytest.raises(ImageInUseError, match='waiting for another task'):
+        with pytest.raises(ImageInUseError, match='waiting for the lock of mutable image'):
             busy.package(os.path.join(out, 'img.tar.zst'))
-        with pytest.raises(ImageInUseError, match='waiting for another task'):
+        with pytest.raises(ImageInUseError, match='waiting for the lock of mutable image'):
             busy.dispose()
     finally:
         os.close(fd)
