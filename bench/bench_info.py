@@ -404,10 +404,17 @@ def main():
             scaling[key + '_ms_per_instance'] = [round(first, 4), round(second, 4)]
         per_pair_us = (hi['describe_ms'] - lo['describe_ms']) / (2 * m) / n * 1000
         scaling['describe_us_per_image_x_instance'] = round(per_pair_us, 3)
-        # In an O(images + instances) report, describing the images does not depend on the instances at all.
-        grows = hi['describe_ms'] - lo['describe_ms'] > max(0.5 * lo['describe_ms'], 2.0)
-        scaling['verdict'] = ('O(images x instances): describe() of each image costs more with every instance'
-                              if grows else 'O(images + instances): describe() does not grow with the instances')
+        # O(images x instances): each added instance is read once per image, so it costs about
+        # ``images`` times what describing one image costs.  O(images + instances): each added
+        # instance is read about once, at most a few times the cost of describing one image.
+        per_instance = (hi['describe_ms'] - lo['describe_ms']) / (2 * m)
+        per_image = max(lo['describe_ms'] / n, 1e-6)
+        scaling['describe_instance_to_image_cost'] = round(per_instance / per_image, 2)
+        grows = per_instance > (n / 4.0) * per_image
+        scaling['verdict'] = ('O(images x instances): each added instance costs about %d image descriptions'
+                              % round(per_instance / per_image) if grows else
+                              'O(images + instances): an added instance costs about %.1f image descriptions'
+                              % (per_instance / per_image))
     report = {
         'collection': os.path.realpath(link), 'python': sys.executable, 'rounds': args.rounds,
         'proc_pids': len([p for p in os.listdir('/proc') if p.isdigit()]),

@@ -356,3 +356,22 @@ def test_custom_kvm_group_with_users(converged, tmp_path, kvm_user):
     assert not os.path.exists(UDEV_RULE)
     if os.path.exists(KVM):
         assert os.stat(KVM).st_gid == grp.getgrnam('kvm').gr_gid
+
+
+def test_prune_after_the_fetches_rotates_the_store(converged, served, tmp_path):
+    store = str(tmp_path / 'store')
+
+    def cache(key, prune):
+        entry = dict(image_id='nightly', url=served['url'][key], checksum=served['digest'][key])
+        options = dict(image_cache_prune=prune) if prune is not None else dict(image_cache_prune_enabled=False)
+        return [play(roles=[role('image_cache', image_cache_store=store, image_cache_images=[entry], **options)])]
+
+    report_of(run_plays(cache('alpha', {'min_age': 0}), tmp_path))
+    young = report_of(run_plays(cache('beta', {}), tmp_path))
+    assert young['pruned'] == [] and len(young['images']) == 2, 'the default min_age keeps an image fetched just now'
+    rotated = report_of(run_plays(cache('gamma', {'min_age': 0}), tmp_path))
+    assert sorted(p['digest'] for p in rotated['pruned']) == sorted(served['digest'][k] for k in ('alpha', 'beta'))
+    assert all(p['reason'] == 'unreferenced' for p in rotated['pruned']) and int(rotated['freed_bytes']) > 0
+    assert [i['digest'] for i in rotated['images']] == [served['digest']['gamma']]
+    skipped = report_of(run_plays(cache('alpha', None), tmp_path))
+    assert skipped['pruned'] == [] and len(skipped['images']) == 2, 'image_cache_prune_enabled: false skips pruning'

@@ -388,7 +388,12 @@ class InstanceManager(object):
         with self._name_lock(name):
             # Decided under the name lock, then applied as decided.
             plan = self.plan_present(name, image, mac, machine, recreate, force)
-            return self._apply_present(name, plan, cleaned)
+            if plan.action not in ('create', 'replace'):
+                return self._apply_present(name, plan, cleaned)
+            # Until the instance's own reference exists, a lease keeps the
+            # image from being collected under it.
+            with self.store.lease(plan.after['digest']):
+                return self._apply_present(name, plan, cleaned)
 
     def _apply_present(self, name, plan, cleaned):
         if plan.action == 'none':

@@ -67,6 +67,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
     InvalidOptionError, LimitExceededError, LockTimeoutError, NotFoundError, VmImageError, os_error,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import DEFAULT_LIMITS, GIB
+from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.validator import load_image_archive
 from ansible_collections.vmimage.qemu.plugins.module_utils._formats.machine import (
     MACHINE_SCHEMA_VERSION, apply_defaults, dump_machine_json, load_machine_json,
 )
@@ -637,10 +638,6 @@ class MutableImage(object):
         return self
 
     def _extract(self, plan):
-        # Imported here: the reader and validator are only needed for this,
-        # and every other run of the module should not pay for loading them.
-        from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.validator import load_image_archive
-
         area = self._work_area()
         with os.fdopen(self._open_archive(plan.archive), 'rb') as src:
             try:

@@ -28,6 +28,7 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
+import calendar
 import errno
 import os
 import re
@@ -38,10 +39,12 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._core.fs import (
     collect_temporaries, fsync_dir, read_json, write_json_atomic,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import key_name, now
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.locks import FileLock, try_lock
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.staging import remove_tree
 
 KINDS = ('alias', 'instance', 'child', 'mutable', 'pin')
 LAST_USED = 'last-used'
+LEASE_PREFIX = 'lease-'
 _HEX64 = re.compile(r'^[0-9a-f]{64}$')
 _REF_FILE = re.compile(r'^(%s)-([0-9a-f]{64})\.json$' % '|'.join(KINDS))
 
@@ -140,10 +143,46 @@ class References(object):
         except OSError as exc:
             raise os_error(exc, 'record the last use of %s in' % digest, path, StoreError)
 
+    def lease(self, digest):
+        """A Lease on ``digest``: held for as long as an operation uses
+        the image before its own reference exists (containerd's leases).  A
+        flock, so it dies with its holder.  Take it under the store lock,
+        after checking the image exists."""
+        folder = self._ensure_folder(digest)
+        path = os.path.join(folder, '%s%d-%s.lock' % (LEASE_PREFIX, os.getpid(), os.urandom(6).hex()))
+        return Lease(path, FileLock(path, timeout=0).acquire())
+
+    def leased(self, digest, collect=False):
+        """Whether a live operation holds a lease on ``digest``; with
+        ``collect``, dead leases are removed on the way."""
+        folder = self._folder(digest)
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            return False
+        live = False
+        for name in names:
+            if not name.startswith(LEASE_PREFIX):
+                continue
+            path = os.path.join(folder, name)
+            try:
+                held = try_lock(path)
+            except OSError:
+                continue
+            if held is None:
+                live = True
+                continue
+            try:
+                if collect:
+                    os.unlink(path)
+            finally:
+                held.release()
+        return live
+
     # ------------------------------------------------------------ questions
 
     def of(self, digest):
-        """The references to ``digest``, sorted (kind, key)."""
+        """The references to ``digest``, sorted (kind, key); leases are not references."""
         folder = self._folder(digest)
         try:
             names = os.listdir(folder)
@@ -188,6 +227,39 @@ class References(object):
                     self.remove(digest, ref.kind, ref.key)
                     dropped.append((digest, ref))
         return dropped
+
+
+class Lease(object):
+    """A held lease (see References.lease); ``release()`` ends it."""
+
+    def __init__(self, path, lock):
+        self.path = path
+        self._lock = lock
+
+    def release(self):
+        if self._lock is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        finally:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def posix_time(text):
+    """A record's timestamp ('2026-12-02T01:02:03Z') as POSIX time, or None."""
+    try:
+        return calendar.timegm(time.strptime(text, '%Y-%m-%dT%H:%M:%SZ'))
+    except (TypeError, ValueError):
+        return None
 
 
 def iso_time(posix):

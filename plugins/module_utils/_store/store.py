@@ -31,12 +31,10 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import calendar
 import errno
 import os
 import re
 import stat
-import time
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.sparse_file import allocated_bytes
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
@@ -53,7 +51,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import D
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.locks import FileLock
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.staging import WorkArea
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.references import (
-    Reference, References, iso_time,
+    Reference, References, iso_time, posix_time,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._store.upgrade import upgrade_store
 
@@ -95,13 +93,6 @@ def _listdir(path, what):
         raise os_error(exc, 'list the %s in' % what, path, StoreError)
 
 
-def _posix_time(text):
-    try:
-        return calendar.timegm(time.strptime(text, '%Y-%m-%dT%H:%M:%SZ'))
-    except (TypeError, ValueError):
-        return None
-
-
 class FetchResult(object):
     __slots__ = ('changed', 'downloaded', 'digest', 'alias', 'record', 'source', 'previous_digest',
                  'attempts', 'restarts', 'resumed')
@@ -141,7 +132,7 @@ class _ScannedReferences(object):
         return sorted(self._refs.get(digest, ()), key=lambda r: (r.kind, r.key))
 
     def last_used(self, digest):
-        return _posix_time((self._records.get(digest) or {}).get('last_used'))
+        return posix_time((self._records.get(digest) or {}).get('last_used'))
 
 
 class ImageStore(object):
@@ -224,11 +215,14 @@ class ImageStore(object):
         return FileLock(os.path.join(self.locks_dir, key_name(key) + '.lock'), timeout=self.lock_timeout,
                         what='the lock of %s in store %s' % (key, self.root))
 
-    def collect(self):
-        """Remove what killed processes left in the store's staging area."""
+    def collect(self, grace=None):
+        """Remove what killed processes left: the staging area's dead work
+        folders and trash, and record temporaries older than ``grace``
+        seconds (default: fs.TEMP_GRACE).  Returns the names removed."""
+        kw = {} if grace is None else dict(grace=grace)
         removed = self.staging.collect()
-        collect_temporaries(self.aliases_dir)
-        collect_temporaries(self.root)
+        for folder in [self.aliases_dir, self.root] + [os.path.join(self.refs_dir, d[7:]) for d in self.refs.digests()]:
+            removed.extend(collect_temporaries(folder, **kw))
         return removed
 
     # ------------------------------------------------------------ lookups
@@ -365,6 +359,14 @@ class ImageStore(object):
             self.refs.remove(entry['digest'], 'alias', alias)
         return True
 
+    def lease(self, digest):
+        """A Lease on ``digest`` (an operation is using it; prune keeps it),
+        taken under the store lock; NotFoundError when it is gone."""
+        with self.lock():
+            if self.get_record(digest) is None:
+                raise self._not_found(digest)
+            return self.refs.lease(digest)
+
     def touch(self, digest):
         """Record a use of the image; callers hold the store lock."""
         if self.get_record(digest) is not None:
@@ -391,7 +393,7 @@ class ImageStore(object):
                     # Without its alias the new image is debris: nothing can
                     # refer to it yet (the store lock is held), so it goes,
                     # and the store is as it was.
-                    self._remove_image_locked(digest)
+                    self.remove_image_locked(digest)
                 raise
         return committed, alias_changed
 
@@ -442,15 +444,22 @@ class ImageStore(object):
                                           % (alias, digest, ', '.join(users)))
             if check_mode:
                 return True, digest if removes_image else None
-            os.unlink(os.path.join(self.aliases_dir, key_name(alias) + '.json'))
-            fsync_dir(self.aliases_dir)
-            self.refs.remove(digest, 'alias', alias)
+            self.drop_alias_locked(alias, digest)
             if removes_image:
                 self.drop_stale_references(digest)
-                self._remove_image_locked(digest)
+                self.remove_image_locked(digest)
             return True, digest if removes_image else None
 
-    def _remove_image_locked(self, digest):
+    def drop_alias_locked(self, alias, digest):
+        """Remove ``alias`` (pointing at ``digest``), then its reference."""
+        try:
+            os.unlink(os.path.join(self.aliases_dir, key_name(alias) + '.json'))
+        except FileNotFoundError:
+            pass
+        fsync_dir(self.aliases_dir)
+        self.refs.remove(digest, 'alias', alias)
+
+    def remove_image_locked(self, digest):
         """Out of images/ in one rename (the image vanishes atomically), then
         deleted; a crash in between leaves trash that collect() removes."""
         self.staging.trash(self.image_path(digest))

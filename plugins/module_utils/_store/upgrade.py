@@ -19,7 +19,6 @@ from __future__ import absolute_import, division, print_function
 
 __metaclass__ = type
 
-import calendar
 import os
 import time
 
@@ -27,18 +26,12 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._core.fs import read_
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import INSTANCE_RECORD
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.locks import try_lock
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.staging import remove_tree
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.references import posix_time
 
 # 0.1.0 built and removed instances in instances/.new-*/ and .old-*/ folders
 # holding their owner's flock in a ``.lock`` file inside.
 _LEGACY_INSTANCE_WORK = ('.new-', '.old-')
 _LEGACY_WORK_LOCK = '.lock'
-
-
-def _posix(text):
-    try:
-        return calendar.timegm(time.strptime(text, '%Y-%m-%dT%H:%M:%SZ'))
-    except (TypeError, ValueError):
-        return None
 
 
 def _collect_legacy_instance_work(instances_dir):
@@ -85,7 +78,7 @@ def upgrade_store(store, fresh=False):
                     store.refs.add(record['digest'], 'instance', name)
             for record in store.iter_records():
                 if store.refs.last_used(record['digest']) is None:
-                    store.refs.touch(record['digest'], _posix(record.get('last_used')) or time.time())
+                    store.refs.touch(record['digest'], posix_time(record.get('last_used')) or time.time())
             store.collect()
             _collect_legacy_instance_work(store.instances_dir)
         store.write_format()
