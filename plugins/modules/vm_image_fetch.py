@@ -78,6 +78,9 @@ options:
       - V(present) makes O(image_id) point at the image from O(url).
       - V(absent) removes O(image_id), and the image itself when no other name refers to it.
         Refused while instances or child images use the image.
+      - With O(state=absent), O(image_id) may also be a C(sha256:<hex>) digest. The image is then removed with every
+        name pointing at it (RV(removed_aliases)), for example one that lost its last name when an alias moved to a
+        new release. M(vmimage.qemu.vm_image_prune) removes all such images at once.
     type: str
     choices: [present, absent]
     default: present
@@ -197,9 +200,14 @@ elapsed:
   returned: always
   type: float
 removed_digest:
-  description: Digest of the image removed from the store with its last name.
+  description: Digest of the image removed from the store with its last name (or by its digest).
   returned: when state=absent and the image was removed
   type: str
+removed_aliases:
+  description: The names removed with the image, when O(image_id) was a digest.
+  returned: when state=absent and O(image_id) is a C(sha256:<hex>) digest
+  type: list
+  elements: str
 error_kind:
   description:
     - On failure, the class of the failure, for playbooks to branch on without parsing C(msg); the collection's
@@ -222,7 +230,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._modules.common impor
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._transfer.secrets import secret_values
 from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.pipeline import fetch_image
-from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore
+from ansible_collections.vmimage.qemu.plugins.module_utils._store.store import ImageStore, parse_digest
 
 
 def _diff(alias, before, after):
@@ -270,13 +278,21 @@ def main():
             if not store.exists:
                 module.exit_json(changed=False, image_id=image_id, downloaded=False,
                                  elapsed=round(time.monotonic() - started, 3))
-            before = store.get_alias(image_id)
-            changed, removed = store.remove_alias(image_id, check_mode=module.check_mode)
-            result = dict(changed=changed, image_id=image_id, downloaded=False)
-            if removed:
-                result['removed_digest'] = removed
-            if module._diff:
-                result['diff'] = _diff(image_id, before and before['digest'], None)
+            if parse_digest(image_id):
+                changed, aliases = store.remove_image(image_id, check_mode=module.check_mode)
+                result = dict(changed=changed, image_id=image_id, downloaded=False, removed_aliases=aliases)
+                if changed:
+                    result['removed_digest'] = image_id
+                if module._diff:
+                    result['diff'] = _diff(image_id, image_id if changed else None, None)
+            else:
+                before = store.get_alias(image_id)
+                changed, removed = store.remove_alias(image_id, check_mode=module.check_mode)
+                result = dict(changed=changed, image_id=image_id, downloaded=False)
+                if removed:
+                    result['removed_digest'] = removed
+                if module._diff:
+                    result['diff'] = _diff(image_id, before and before['digest'], None)
             result['elapsed'] = round(time.monotonic() - started, 3)
             module.exit_json(**result)
 

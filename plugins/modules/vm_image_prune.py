@@ -25,7 +25,8 @@ description:
     take too, so a concurrent fetch or instance creation never loses an image it is about to use.
   - A running VM counts as a use of its image now, so an image a VM has been running on for a month is recent.
   - Also removes what killed processes left in the store (staging folders whose owner died, trash, record
-    temporaries older than O(debris_grace)), and reports it in RV(collected).
+    temporaries older than O(debris_grace)), and reports it in RV(collected); and image folders without a valid
+    record (a hand-edited store, a damaged disk) older than O(debris_grace), reported in RV(removed).
   - Check mode returns exactly what a real run would do (the same decision), writing nothing.
 author:
   - vmimage.qemu developers (@vmimage)
@@ -75,8 +76,8 @@ options:
     default: 1h
   debris_grace:
     description:
-      - Record temporaries (C(.tmp-*)) left by killed processes are removed once older than this.
-        Staging folders are removed as soon as their owner is gone, whatever their age.
+      - Record temporaries (C(.tmp-*)) left by killed processes, and image folders without a valid record, are
+        removed once older than this. Staging folders are removed as soon as their owner is gone, whatever their age.
       - Seconds, or a number with C(s), C(m), C(h) or C(d).
     type: raw
     default: 1h

@@ -86,3 +86,23 @@ def test_option_errors_have_their_kind(tmp_path, releases):
     assert bad_size['failed'] is True and bad_size['error_kind'] == 'invalid_option'
     assert 'keep_below' in bad_size['msg']
     assert missing['changed'] is False and missing['removed'] == [] and not os.path.exists(str(tmp_path / 'none'))
+
+
+def test_an_image_is_removed_by_its_digest(tmp_path, releases):
+    (url1, d1), (url2, _d2), _third = releases
+    store = str(tmp_path / 'store')
+    run = run_playbook([
+        _fetch(store, url1),
+        {'vmimage.qemu.vm_image_fetch': dict(url=url1, image_id='second-name', store=store)},
+        _fetch(store, url2),
+        dict({'vmimage.qemu.vm_image_fetch': dict(image_id=d1, state='absent', store=store)}, check_mode=True),
+        {'vmimage.qemu.vm_image_fetch': dict(image_id=d1, state='absent', store=store)},
+        {'vmimage.qemu.vm_image_fetch': dict(image_id=d1, state='absent', store=store)},
+        {'vmimage.qemu.vm_image_info': {'store': store}},
+    ], tmp_path)
+    check, removed, again, info = run.results[3:]
+    assert check['changed'] is True and check['removed_aliases'] == ['second-name']
+    assert removed['changed'] is True and removed['removed_digest'] == d1
+    assert removed['removed_aliases'] == ['second-name']
+    assert again['changed'] is False and again['removed_aliases'] == []
+    assert [i['aliases'] for i in info['images']] == [['nightly']]

@@ -208,7 +208,7 @@ def _held_images(store, digests):
     return held
 
 
-def plan_prune(store, policy, now=None):
+def plan_prune(store, policy, now=None, debris_grace=3600):
     """The PrunePlan for ``policy`` (reads only; call with the store lock held)."""
     now = time.time() if now is None else now
     records = dict((r['digest'], r) for r in store.iter_records() if parse_digest(r.get('digest')))
@@ -304,6 +304,17 @@ def plan_prune(store, policy, now=None):
                 marked[digest] = '%s, within budget' % marked[digest]
 
     verdicts = []
+    for digest, path in store.incomplete_images():
+        try:
+            age = now - os.lstat(path).st_mtime
+        except OSError:
+            continue
+        size = tree_allocated(path) + tree_allocated(os.path.join(store.refs_dir, digest[7:]))
+        if age >= debris_grace:
+            verdicts.append(ImageVerdict(digest, [], size, 'incomplete image (no valid record)', True, None, None))
+        else:
+            verdicts.append(ImageVerdict(digest, [], size, 'incomplete image younger than debris_grace', False,
+                                         None, None))
     for digest in _leaf_first(removed, info):
         item = info[digest]
         verdicts.append(ImageVerdict(digest, item['aliases'], sizes[digest], removed[digest], True, item['last'],
@@ -355,7 +366,7 @@ def prune_store(store, policy, check_mode=False, debris_grace=3600, now=None):
     the store lock.  Returns (plan, usage_after, collected)."""
     with store.lock(exclusive=True):
         collected = [] if check_mode else store.collect(grace=debris_grace)
-        plan = plan_prune(store, policy, now=now)
+        plan = plan_prune(store, policy, now=now, debris_grace=debris_grace)
         if check_mode:
             return plan, plan.usage_before - plan.freed_bytes, collected
         usage_after = apply_prune(store, plan)

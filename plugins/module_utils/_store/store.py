@@ -38,7 +38,7 @@ import stat
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.sparse_file import allocated_bytes
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
-    ImageInUseError, NotFoundError, StoreError, os_error, os_errors,
+    ImageInUseError, NotFoundError, PermissionDeniedError, StoreError, os_error, os_errors,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.fs import (
     collect_temporaries, fsync_dir, read_json, write_json_atomic,
@@ -274,13 +274,36 @@ class ImageStore(object):
                 return record['digest']
         return None
 
-    def iter_records(self):
-        for name in _listdir(self.images_dir, 'images'):
-            if not _HEX64.match(name):
-                continue
+    def _record_of(self, name):
+        """The record of images/<name>, or None when it is missing or damaged
+        (then the folder is an incomplete image, see incomplete_images())."""
+        try:
             record = read_json(os.path.join(self.images_dir, name, IMAGE_RECORD))
-            if record is not None:
-                yield record
+        except StoreError as exc:
+            if isinstance(exc, PermissionDeniedError):
+                raise
+            return None
+        if not isinstance(record, dict) or record.get('digest') != 'sha256:' + name:
+            return None
+        return record
+
+    def iter_records(self):
+        """The records of the committed images.  One missing or damaged
+        record does not fail the listing: that image is left out here and
+        reported by incomplete_images()."""
+        for name in _listdir(self.images_dir, 'images'):
+            if _HEX64.match(name):
+                record = self._record_of(name)
+                if record is not None:
+                    yield record
+
+    def incomplete_images(self):
+        """(digest, path) of folders in images/ without a valid record: no
+        writer of the collection leaves one, but a hand-edited store or a
+        damaged disk can."""
+        return [('sha256:' + name, os.path.join(self.images_dir, name))
+                for name in _listdir(self.images_dir, 'images')
+                if _HEX64.match(name) and self._record_of(name) is None]
 
     def aliases(self):
         """alias -> entry for every alias."""
@@ -449,6 +472,30 @@ class ImageStore(object):
                 self.drop_stale_references(digest)
                 self.remove_image_locked(digest)
             return True, digest if removes_image else None
+
+    def remove_image(self, digest, check_mode=False):
+        """Remove the image ``digest`` and every alias pointing at it.
+
+        Returns (changed, aliases removed).  Refuses, naming the users, while
+        instances or child images need it.
+        """
+        if parse_digest(digest) is None:
+            raise StoreError('not a sha256 digest: %r' % (digest,))
+        with os_errors('remove image %s from store' % digest, self.root, StoreError):
+            with self.lock(exclusive=not check_mode):
+                if self.get_record(digest) is None:
+                    return False, []
+                users = self.users(digest)
+                if users:
+                    raise ImageInUseError('image %s is in use by %s; remove those first' % (digest, ', '.join(users)))
+                aliases = sorted(a for a, e in self.aliases().items() if e.get('digest') == digest)
+                if check_mode:
+                    return True, aliases
+                for alias in aliases:
+                    self.drop_alias_locked(alias, digest)
+                self.drop_stale_references(digest)
+                self.remove_image_locked(digest)
+                return True, aliases
 
     def drop_alias_locked(self, alias, digest):
         """Remove ``alias`` (pointing at ``digest``), then its reference."""

@@ -287,3 +287,25 @@ def test_percentage_budget_is_of_the_stores_file_system(store):
     policy = PrunePolicy.from_options(store.root, keep_below='50%')
     st = os.statvfs(store.root)
     assert policy.keep_below == int(st.f_blocks * st.f_frsize * 0.5)
+
+
+def test_incomplete_images_do_not_break_listing_and_are_collected_after_the_grace(tmp_path, store):
+    good = _image(tmp_path, store, 'good', 1)
+    broken = os.path.join(store.images_dir, 'e' * 64)
+    os.mkdir(broken)
+    with open(os.path.join(broken, 'disk.img'), 'wb') as f:
+        f.write(b'\1' * 65536)
+    damaged = os.path.join(store.images_dir, 'd' * 64)
+    os.mkdir(damaged)
+    with open(os.path.join(damaged, 'image.json'), 'w') as f:
+        f.write('{"digest": ')
+    assert [r['digest'] for r in store.iter_records()] == [good], 'one bad folder does not fail the listing'
+    assert sorted(d for d, _path in store.incomplete_images()) == ['sha256:' + 'd' * 64, 'sha256:' + 'e' * 64]
+
+    plan, _after, _collected = prune_store(store, PrunePolicy(min_age=0))  # debris_grace 1h: too young
+    assert plan.removed == [] and os.path.isdir(broken)
+    assert [v.reason for v in plan.kept if v.digest != good] == ['incomplete image younger than debris_grace'] * 2
+    plan, usage_after, _collected = prune_store(store, PrunePolicy(min_age=0), debris_grace=0)
+    assert sorted(v.reason for v in plan.removed) == ['incomplete image (no valid record)'] * 2
+    assert os.listdir(store.images_dir) == [good[7:]]
+    assert plan.usage_before - usage_after == plan.freed_bytes

@@ -340,3 +340,26 @@ def test_stray_files_in_instances_do_not_break_the_store(tmp_path, server):
         f.write('x')
     assert store.users(digest) == []
     assert store.remove_alias('a') == (True, digest)
+
+
+def test_remove_by_digest_takes_every_name_and_respects_users(tmp_path, server):
+    data, digest = _archive(tmp_path)
+    url = server.add('/image.tar.zst', data)
+    store = ImageStore(str(tmp_path / 'store'))
+    fetch_image(store, url, alias='a')
+    fetch_image(store, url, alias='b')
+    with store.lock():
+        store.refs.add(digest, 'instance', 'vm1')
+    inst = os.path.join(store.instances_dir, 'vm1')
+    os.mkdir(inst)
+    write_json_atomic(os.path.join(inst, 'instance.json'), {'name': 'vm1', 'digest': digest})
+    with pytest.raises(ImageInUseError, match='instance vm1'):
+        store.remove_image(digest)
+    os.unlink(os.path.join(inst, 'instance.json'))
+    os.rmdir(inst)
+    assert store.remove_image(digest, check_mode=True) == (True, ['a', 'b'])
+    assert store.resolve('a') == digest, 'check mode removes nothing'
+    assert store.remove_image(digest) == (True, ['a', 'b'])
+    assert store.aliases() == {} and list(store.iter_records()) == [] and store.refs.digests() == []
+    assert store.remove_image(digest) == (False, [])
+    _store_is_clean(store)
