@@ -35,6 +35,7 @@ from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import (
     DISK, LAYER, MACHINE, MEMBER_NAMES,
 )
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.limits import DEFAULT_LIMITS
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.writeback import WriteBehind
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.tar_format import (
     BLOCK, TarHeader, parse_decimal, parse_old_gnu_sparse_entries, parse_pax_records, type_name,
     MAX_PAX_HEADER,
@@ -525,6 +526,9 @@ class _ImageTarExtractor(object):
                      0o600, dir_fd=self.folder_fd)
         try:
             os.ftruncate(fd, realsize)
+            # A durable extraction writes back as it goes: its final fsync
+            # then finds little left (see writeback.py).
+            behind = WriteBehind(fd, enabled=self.fsync)
             for offset, length in entries:
                 pos = offset
                 for buf, start, take in self.stream.chunks(length):
@@ -535,6 +539,7 @@ class _ImageTarExtractor(object):
                         done = 0
                         while done < take:
                             done += os.pwrite(fd, view[done:], pos + done)
+                        behind.wrote(pos, take)
                     pos += take
             if self.fsync:
                 os.fsync(fd)

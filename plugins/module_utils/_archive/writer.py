@@ -23,6 +23,7 @@ import os
 import stat
 
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import InvalidArchiveError, VmImageError
+from ansible_collections.vmimage.qemu.plugins.module_utils._core.writeback import DEFAULT_WINDOW, WriteBehind
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.layout import DISK, LAYER, MACHINE, MEMBER_NAMES  # noqa: F401
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.sparse_file import data_extents
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.tar_format import (
@@ -57,13 +58,20 @@ class PackResult(object):
 class _HashingSink(object):
     """File-like the compressor writes into: forwards, counts and hashes."""
 
-    def __init__(self, out):
+    def __init__(self, out, write_behind=False):
         self._out = out
         self._sha256 = hashlib.sha256()
         self.size = 0
+        self._behind = None
+        if write_behind:
+            # The archive is written front to back: start its write-back as
+            # it grows, so the caller's fsync finds little left.
+            self._behind = WriteBehind(out.fileno(), window=DEFAULT_WINDOW)
+        self._unkicked = 0
 
     def write(self, data):
         self._sha256.update(data)
+        start = self.size
         self.size += len(data)
         # A raw (unbuffered) file may write less than asked: loop until done.
         view = memoryview(data)
@@ -72,6 +80,13 @@ class _HashingSink(object):
             if written is None:  # buffered writers return None or the full length
                 break
             view = view[written:]
+        if self._behind is not None:
+            self._unkicked += len(data)
+            if self._unkicked >= DEFAULT_WINDOW:
+                self.flush()  # the bytes must be in the file before their write-back can start
+                self._behind.wrote(start + len(data) - self._unkicked, self._unkicked)
+                self._behind.kick()
+                self._unkicked = 0
         return len(data)
 
     def flush(self):
@@ -134,17 +149,18 @@ def _copy_range(fd, offset, length, writer, buf, view):
         pos += got
 
 
-def write_image_archive(folder, out, level=3, threads=0, mtime=0):
+def write_image_archive(folder, out, level=3, threads=0, mtime=0, write_behind=False):
     """Pack ``folder``/{disk.img, layer.qcow2, machine.json} into ``out``.
 
     ``out`` is a binary file object opened by the caller (the caller owns
-    staging and renaming).  Returns a PackResult with the sha256 of the bytes
-    written.
+    staging and renaming).  ``write_behind``: ``out`` is a file the caller
+    will fsync, whose write-back may start while it is written.  Returns a
+    PackResult with the sha256 of the bytes written.
     """
     zstd = zstd_module()
     if not 1 <= int(level) <= 22:
         raise ValueError('compression level must be between 1 and 22, got %r' % level)
-    sink = _HashingSink(out)
+    sink = _HashingSink(out, write_behind=write_behind)
     compressor = zstd.ZstdCompressor(level=int(level), threads=zstd_threads(threads),
                                      write_checksum=True, write_content_size=False)
     folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

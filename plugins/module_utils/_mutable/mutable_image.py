@@ -921,7 +921,8 @@ class MutableImage(object):
                 try:
                     out = os.fdopen(fd, 'wb', buffering=_READ_CHUNK, closefd=False)
                     with out:
-                        packed = write_image_archive(self.path, out, level=plan.level, threads=threads, mtime=0)
+                        packed = write_image_archive(self.path, out, level=plan.level, threads=threads, mtime=0,
+                                                     write_behind=True)
                         out.flush()
                     os.fsync(fd)
                 except OSError as exc:

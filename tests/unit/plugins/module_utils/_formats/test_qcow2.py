@@ -22,6 +22,8 @@ import subprocess
 
 import pytest
 
+from support.counting_reader import CountingReader
+
 from ansible_collections.vmimage.qemu.plugins.module_utils._formats import qcow2
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import (
     InvalidArchiveError, LimitExceededError, UnsafeImageError, VmImageError,
@@ -251,19 +253,6 @@ def test_file_object_is_read_and_position_restored(tmp_path):
         assert read_qcow2_header(f).name == 'layer.qcow2'
 
 
-class _CountingReader(io.BytesIO):
-    def __init__(self, data):
-        io.BytesIO.__init__(self, data)
-        self.bytes_read = 0
-        self.largest_request = 0
-
-    def read(self, n=-1):
-        self.largest_request = max(self.largest_request, n if n is not None and n >= 0 else 1 << 62)
-        chunk = io.BytesIO.read(self, n)
-        self.bytes_read += len(chunk)
-        return chunk
-
-
 def test_reads_at_most_the_first_cluster(tmp_path):
     # Metadata preallocation (not allowed with a backing file) makes the file
     # much larger than the one cluster the reader may look at.
@@ -271,7 +260,7 @@ def test_reads_at_most_the_first_cluster(tmp_path):
                        size='16M')
     data = layer.read_bytes()
     assert len(data) > 4 * MIB
-    reader = _CountingReader(data)
+    reader = CountingReader(data)
     read_qcow2_header(reader)
     assert reader.largest_request <= 2 * MIB
     assert reader.bytes_read <= 2 * MIB + 200
@@ -281,7 +270,7 @@ def test_absurd_sizes_do_not_cause_reads(tmp_path):
     layer = make_layer(tmp_path)
     patch(layer, 20, '>I', 30)           # 1 GiB clusters
     patch(layer, 36, '>I', 0xFFFFFFFF)   # l1_size
-    reader = _CountingReader(layer.read_bytes())
+    reader = CountingReader(layer.read_bytes())
     with pytest.raises(InvalidArchiveError, match='cluster_bits 30 out of range 9..21'):
         read_qcow2_header(reader, name='layer.qcow2')
     assert reader.bytes_read <= 200

@@ -27,6 +27,8 @@ import pytest
 from support.http_server import LocalHTTPServer
 from support.image_factory import make_image_folder, pattern
 
+from support.counting_reader import CountingReader
+
 from ansible_collections.vmimage.qemu.plugins.module_utils._archive.writer import write_image_archive
 from ansible_collections.vmimage.qemu.plugins.module_utils._core.errors import InvalidArchiveError
 from ansible_collections.vmimage.qemu.plugins.module_utils._ingest.validator import validate_image_folder
@@ -258,25 +260,11 @@ def test_file_object_is_walked_and_its_position_kept(tmp_path):
     assert buf.tell() == 77
 
 
-class _CountingReader(io.BytesIO):
-
-    def __init__(self, data):
-        io.BytesIO.__init__(self, data)
-        self.bytes_read = 0
-        self.largest_request = 0
-
-    def read(self, n=-1):
-        self.largest_request = max(self.largest_request, n if n is not None and n >= 0 else 1 << 62)
-        chunk = io.BytesIO.read(self, n)
-        self.bytes_read += len(chunk)
-        return chunk
-
-
 def test_walk_reads_tables_only_never_data(tmp_path):
     layer = make_layer(tmp_path, writes=['write -P 0x41 0 16M', 'write -P 0x42 40M 8M'])
     lay = Layout(layer)
     assert lay.file_size > 24 * MIB
-    reader = _CountingReader(layer.read_bytes())
+    reader = CountingReader(layer.read_bytes())
     check_layer_file(reader, name='layer.qcow2')
     # header, refcount table, refcount block, L1, one L2 table
     assert reader.bytes_read <= 5 * lay.cluster_size
