@@ -475,7 +475,7 @@ def _idle_since(path):
 def _collect_legacy_folders(image_path):
     """Remove the lockless folders earlier versions left beside the mutable
     image ``image_path`` when killed, when clearly theirs and dead: named as
-    they named them (``.<name>.tmp-XXXXXXXX`` staging, ``.image-XXXXXXXX``
+    they named them (``.<name>.tmp-<random>`` staging, ``.image-<random>``
     extraction, ``.<name>.removing-<12 hex>`` disposal), holding only image
     files (staging, extraction), and untouched for LEGACY_GRACE seconds.
     Returns the names removed."""
