@@ -11,6 +11,11 @@ Alternating (A B C D A B C D ...), each a one-task play on localhost:
   pack   vmimage.qemu.vm_image_package ``force: true`` to a fresh dest
          (durable) vs shell ``tar -S -cf - ... | zstd -T0 -3 -o OUT`` and
          the same ``&& sync -f OUT``
+  unpack vmimage.qemu.vm_image_package ``from_archive`` into a new path
+         (durable) vs shell ``zstd -dc ARCHIVE | tar -S -xf -`` and the same
+         ``&& sync -f DEST``
+  again  the idempotent re-runs of vm_image_fetch and vm_image_package
+         against an ansible.builtin.stat task
 Reports the task times (the callback's per-task seconds), medians, the
 spread and the ratios against both references; JSON in bench/output/tasks.json.
 """
@@ -102,6 +107,48 @@ def bench_pack(work, src, rounds):
     return times, os.path.getsize(ours), os.path.getsize(ref)
 
 
+def bench_unpack(work, archive, rounds):
+    q = shlex.quote
+    target = os.path.join(work, 'unpacked')
+    dest = os.path.join(work, 'x-unpack')
+    pipeline = 'zstd -q -dc %s | tar -S -C %s -xf -' % (q(archive), q(dest))
+
+    def module():
+        shutil.rmtree(target, ignore_errors=True)
+        return {'vmimage.qemu.vm_image_package': {'path': target, 'from_archive': archive}}
+
+    variants = (
+        ('module', module),
+        ('shell', lambda: (_fresh(dest), _shell(pipeline))[1]),
+        ('shell_durable', lambda: (_fresh(dest), _shell('%s && sync -f %s' % (pipeline, q(dest))))[1]),
+    )
+    times = dict((name, []) for name, _task in variants)
+    for _round in range(rounds):
+        for name, task in variants:
+            times[name].append(_task_seconds(work, task()))
+    return times
+
+
+def bench_again(work, url, src, archive, rounds):
+    """Idempotent re-runs next to a stat task, in one play per round."""
+    store = os.path.join(work, 'store-again')
+    dest = os.path.join(work, 'again.tar.zst')
+    run_playbook([{'vmimage.qemu.vm_image_fetch': {'url': url, 'image_id': 'bench', 'store': store}},
+                  {'vmimage.qemu.vm_image_package': {'path': src, 'dest': dest}}], work)
+    times = {'fetch': [], 'package': [], 'stat': []}
+    for _round in range(rounds):
+        run = run_playbook([
+            {'vmimage.qemu.vm_image_fetch': {'url': url, 'image_id': 'bench', 'store': store}},
+            {'ansible.builtin.stat': {'path': archive}},
+            {'vmimage.qemu.vm_image_package': {'path': src, 'dest': dest}},
+        ], work)
+        assert not run.results[0]['changed'] and not run.results[2]['changed'], 'the re-runs must change nothing'
+        times['fetch'].append(run.results[0]['_task_seconds'])
+        times['stat'].append(run.results[1]['_task_seconds'])
+        times['package'].append(run.results[2]['_task_seconds'])
+    return times
+
+
 def _ratios(times):
     module = statistics.median(times['module'])
     return {'vs_shell': round(module / statistics.median(times['shell']), 3),
@@ -125,23 +172,34 @@ def main():
         with LocalHTTPServer() as server:
             url = server.add('/image.tar.zst', file=archive)
             fetch = bench_fetch(work, url, args.rounds)
-        pack, ours_size, ref_size = bench_pack(work, src, args.rounds)
+            pack, ours_size, ref_size = bench_pack(work, src, args.rounds)
+            unpack = bench_unpack(work, archive, args.rounds)
+            again = bench_again(work, url, src, archive, args.rounds)
         report = {
             'data_bytes': data, 'archive_bytes': os.path.getsize(archive), 'rounds': args.rounds,
             'fetch': dict((k, _summary(v)) for k, v in fetch.items()), 'fetch_ratio': _ratios(fetch),
             'pack': dict((k, _summary(v)) for k, v in pack.items()), 'pack_ratio': _ratios(pack),
             'pack_archive_bytes': {'module': ours_size, 'shell': ref_size},
+            'unpack': dict((k, _summary(v)) for k, v in unpack.items()), 'unpack_ratio': _ratios(unpack),
+            'again': dict((k, _summary(v)) for k, v in again.items()),
+            'again_ratio': dict((k, round(statistics.median(again[k]) / statistics.median(again['stat']), 3))
+                                for k in ('fetch', 'package')),
         }
         print('%.0f MiB of data, %.0f MiB archive, %d alternating rounds of one-task plays'
               % (data / MIB, report['archive_bytes'] / MIB, args.rounds))
         print('%-6s %-14s %9s %9s %9s' % ('work', 'task', 'median s', 'min s', 'max s'))
-        for work_name in ('fetch', 'pack'):
+        for work_name in ('fetch', 'pack', 'unpack'):
             for task in ('module', 'shell', 'shell_durable'):
                 row = report[work_name][task]
                 print('%-6s %-14s %9.3f %9.3f %9.3f' % (work_name, task, row['median_s'], row['min_s'], row['max_s']))
             ratio = report[work_name + '_ratio']
             print('%-6s module / shell %.2fx, module / durable shell %.2fx'
                   % (work_name, ratio['vs_shell'], ratio['vs_shell_durable']))
+        for task in ('fetch', 'package', 'stat'):
+            row = report['again'][task]
+            print('%-6s %-14s %9.3f %9.3f %9.3f' % ('again', task, row['median_s'], row['min_s'], row['max_s']))
+        print('again  fetch / stat %.2fx, package / stat %.2fx'
+              % (report['again_ratio']['fetch'], report['again_ratio']['package']))
         write_report('tasks', report)
     finally:
         shutil.rmtree(work, ignore_errors=True)
